@@ -1,0 +1,1 @@
+"""The `sparc` command-line interface (installed as the `sparc_cli` package)."""

@@ -1,0 +1,192 @@
+"""The ``sparc`` command. Thin: each command parses, validates and calls the library.
+
+Exit codes: 0 success; 1 a run that failed (non-finite loss, a run folder that does not fit the recipe);
+2 bad input (a recipe or argument error), printed one line per problem with no traceback; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(
+    name="sparc",
+    help="Fine-grained image-text pretraining with SPARC: train, inspect components and recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+def _fail(lines: list[str] | str, code: int = 2, source: str | None = None) -> None:
+    if isinstance(lines, str):
+        lines = [lines]
+    for line in lines:
+        prefix = f"{source}: " if source and source not in line else ""
+        typer.echo(f"error: {prefix}{line}", err=True)
+    raise typer.Exit(code)
+
+
+def _load(recipe: str, overrides: list[str]):
+    from sparc_kit.config import RecipeError, load_recipe
+
+    try:
+        return load_recipe(recipe, overrides)
+    except RecipeError as exc:
+        _fail(exc.problems, 2, exc.source)
+
+
+def _default_out(recipe_arg: str, recipe) -> str:
+    stem = recipe.name or Path(recipe_arg).stem
+    return os.path.join("runs", stem)
+
+
+@app.command()
+def train(
+    recipe: str = typer.Argument(..., help="Recipe file or URL, or a built-in recipe name (sparc_tiny)."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", "-s", help="Override a recipe value: --set train.steps=100 (repeatable)."
+    ),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (default runs/RECIPE_NAME)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved recipe and exit."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Train a recipe; resumes automatically when the run folder holds a checkpoint."""
+    from sparc_kit.config import dump_recipe
+
+    cfg = _load(recipe, set_ or [])
+    if print_config:
+        typer.echo(dump_recipe(cfg), nl=False)
+        return
+    out_dir = out or _default_out(recipe, cfg)
+    from sparc_kit.train import NonFiniteLossError, ResumeMismatchError, TrainingInterrupted
+    from sparc_kit.train import train as run_train
+
+    try:
+        result = run_train(cfg, out_dir, progress=not quiet)
+    except ResumeMismatchError as exc:
+        _fail(str(exc), 1)
+    except NonFiniteLossError as exc:
+        _fail(str(exc), 1)
+    except TrainingInterrupted as exc:
+        typer.echo(f"\n{exc}", err=True)
+        raise typer.Exit(130)
+    except ValueError as exc:  # a component that rejected its arguments at build time
+        _fail(str(exc).splitlines()[0], 2)
+    if not quiet:
+        if result.resumed_from is not None and result.resumed_from >= result.steps:
+            typer.echo(f"run already complete at step {result.steps}: {out_dir}")
+        else:
+            resumed = f" (resumed from step {result.resumed_from})" if result.resumed_from else ""
+            typer.echo(
+                f"done: {result.steps} steps{resumed} in {result.seconds:.0f}s; "
+                f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; run folder {out_dir}"
+            )
+
+
+@app.command()
+def components(
+    kind: Optional[str] = typer.Argument(None, help="One kind (e.g. loss, vision_encoder); all when omitted."),
+) -> None:
+    """List the registered components with their parameters and defaults."""
+    import sparc_kit  # noqa: F401  (registers the built-ins)
+    from sparc_kit import registry
+
+    try:
+        kinds = [registry.get_registry(kind).kind] if kind else registry.kinds()
+    except registry.UnknownComponentError as exc:
+        _fail(str(exc))
+    for k in kinds:
+        reg = registry.get_registry(k)
+        typer.echo(f"{k}: {reg.description}")
+        for entry in reg.entries():
+            typer.echo(f"  {entry.name}  {entry.doc}")
+            for pname, ptype, default in entry.parameters():
+                shown = "(required)" if repr(default) == "PydanticUndefined" else f"= {default!r}"
+                typer.echo(f"      {pname}: {ptype} {shown}")
+        typer.echo("")
+
+
+@recipes_app.command("list")
+def recipes_list() -> None:
+    """The built-in recipes."""
+    from sparc_kit.config import builtin_recipes, load_recipe
+
+    for name, path in builtin_recipes().items():
+        try:
+            desc = load_recipe(path).description or ""
+        except Exception as exc:  # a broken built-in is still listed, with why
+            desc = f"(invalid: {str(exc).splitlines()[0]})"
+        typer.echo(f"{name:<16} {desc}")
+
+
+@recipes_app.command("show")
+def recipes_show(
+    recipe: str = typer.Argument(..., help="Recipe file or built-in name."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a value."),
+) -> None:
+    """Print a recipe fully resolved (extends merged, overrides applied, defaults written out)."""
+    from sparc_kit.config import dump_recipe
+
+    typer.echo(dump_recipe(_load(recipe, set_ or [])), nl=False)
+
+
+@recipes_app.command("validate")
+def recipes_validate(
+    recipes: List[str] = typer.Argument(..., help="Recipe files or built-in names."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Override a value."),
+) -> None:
+    """Validate recipes; prints one line per problem and exits 2 if any recipe is invalid."""
+    from sparc_kit.config import RecipeError, load_recipe
+
+    bad = 0
+    for item in recipes:
+        try:
+            load_recipe(item, set_ or [])
+            typer.echo(f"ok: {item}")
+        except RecipeError as exc:
+            bad += 1
+            for line in exc.problems:
+                typer.echo(f"error: {item}: {line}", err=True)
+    if bad:
+        raise typer.Exit(2)
+
+
+@recipes_app.command("cp")
+def recipes_cp(
+    name: str = typer.Argument(..., help="Built-in recipe name."),
+    dest: str = typer.Argument(..., help="Where to write the copy."),
+) -> None:
+    """Copy a built-in recipe to edit it."""
+    from sparc_kit.config import RecipeError, resolve_recipe_path
+
+    try:
+        src = resolve_recipe_path(name)
+    except RecipeError as exc:
+        _fail(exc.problems)
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, os.path.basename(src))
+    if os.path.exists(dest):
+        _fail(f"{dest} exists; not overwriting it")
+    shutil.copyfile(src, dest)
+    typer.echo(f"wrote {dest}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

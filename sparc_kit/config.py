@@ -1,0 +1,434 @@
+"""Recipes: pydantic-validated YAML that assembles registered components.
+
+A recipe is read through fsspec (local paths, ``s3://``, ``memory://``, ...), may ``extends:`` another recipe,
+takes ``a.b.c=value`` overrides typed by the schema, and is validated in full before anything runs. Every model
+forbids unknown keys; a component section ``{name: sparc, lambda_f: 5}`` is validated against the parameters that
+component declares. Problems are collected and reported one line each, naming the dotted path, the value given
+and what is accepted (:class:`RecipeError`).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from functools import lru_cache
+from importlib import resources
+from typing import Annotated, Any, Literal, Optional, Union
+
+import fsspec
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from sparc_kit import registry as reg
+
+__all__ = [
+    "RecipeError",
+    "load_recipe",
+    "recipe_from_dict",
+    "builtin_recipes",
+    "resolve_recipe_path",
+    "apply_overrides",
+    "dump_recipe",
+    "recipe_schema",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        super().__init__("\n".join(problems))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True)
+
+
+class TokenizerConfig(Strict):
+    """SentencePiece tokenizer: loaded from ``path``, or trained on the training captions when ``path`` is null."""
+
+    path: str | None = None
+    vocab_size: int = Field(32000, gt=3)
+    context_length: int = Field(55, gt=1)
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    lowercase: bool = True
+    add_eos: bool = True
+    train_captions: int = Field(100_000, gt=0, description="how many training captions to train it on")
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up then cosine (or constant) decay, counted in steps."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(2500, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+
+
+def _model_fields(kind_model: type[BaseModel]) -> list[str]:
+    return [f for f in kind_model.model_fields if f != "name"]
+
+
+def _tagged(kind: str, name: str, config: type[BaseModel]) -> type[BaseModel]:
+    return create_model(
+        f"{kind}.{name}",
+        __base__=config,
+        name=(Literal[name], ...),  # type: ignore[valid-type]
+    )
+
+
+def _component_type(registry: reg.Registry) -> Any:
+    members = [_tagged(registry.kind, e.name, e.config) for e in registry.entries()]
+    if not members:
+        raise RuntimeError(f"no {registry.kind} is registered")
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+def _registry_versions() -> tuple[int, ...]:
+    _ensure_components()
+    return tuple(reg.get_registry(k).version for k in reg.kinds())
+
+
+def _ensure_components() -> None:
+    """Import the built-in component modules so they register themselves."""
+    import sparc_kit.data  # noqa: F401
+    import sparc_kit.engines  # noqa: F401
+    import sparc_kit.losses  # noqa: F401
+    import sparc_kit.models  # noqa: F401
+
+
+@lru_cache(maxsize=4)
+def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
+    vision_t = _component_type(reg.vision_encoders)
+    text_t = _component_type(reg.text_encoders)
+    pooler_t = _component_type(reg.poolers)
+    attention_t = Literal[tuple(reg.attention_backends.names())]  # type: ignore[valid-type]
+
+    model_config = create_model(
+        "ModelConfig",
+        __base__=Strict,
+        __doc__="The dual encoder: two towers, linear adapters into a shared space, poolers, one temperature.",
+        embed_dim=(int, Field(512, gt=0)),
+        vision=(vision_t, ...),
+        text=(text_t, ...),
+        image_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
+        text_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
+        image_global_head=(Literal["mlp", "none"], "mlp"),
+        attention=(attention_t, "sdpa"),
+        init_temperature=(float, Field(0.07, gt=0)),
+        max_logit_scale=(float, Field(100.0, gt=1)),
+        grad_checkpointing=(bool, False),
+    )
+    return create_model(
+        "Recipe",
+        __base__=Strict,
+        __doc__="A whole training recipe: model, tokenizer, loss, data, optimizer, training and engine.",
+        name=(Optional[str], None),
+        description=(Optional[str], None),
+        model=(model_config, ...),
+        tokenizer=(TokenizerConfig, Field(default_factory=TokenizerConfig)),
+        loss=(_component_type(reg.losses), ...),
+        data=(_component_type(reg.datasets), ...),
+        optim=(OptimConfig, Field(default_factory=OptimConfig)),
+        train=(TrainConfig, Field(default_factory=TrainConfig)),
+        engine=(_component_type(reg.engines), Field(default_factory=lambda: {"name": "local"})),
+    )
+
+
+def recipe_schema() -> type[BaseModel]:
+    """The Recipe pydantic model for the components registered now."""
+    return _build_schema(_registry_versions())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def builtin_recipes() -> dict[str, str]:
+    """Built-in recipe names to their file paths."""
+    root = resources.files("sparc_kit.recipes")
+    out = {}
+    for entry in root.iterdir():
+        if entry.name.endswith(".yaml"):
+            out[entry.name[: -len(".yaml")]] = str(entry)
+    return dict(sorted(out.items()))
+
+
+def resolve_recipe_path(spec: str) -> str:
+    """A path or URL that exists, or the name of a built-in recipe (``sparc_tiny``)."""
+    fs, _, paths = fsspec.get_fs_token_paths(spec)
+    if fs.exists(paths[0]) and not fs.isdir(paths[0]):
+        return spec
+    builtins = builtin_recipes()
+    key = os.path.basename(spec)
+    key = key[: -len(".yaml")] if key.endswith(".yaml") else key
+    if spec in (key, key + ".yaml") and key in builtins:  # a bare name: the built-in recipe
+        return builtins[key]
+    if key in builtins:
+        extra = f" A built-in recipe of that name exists: use {key!r}."
+    else:
+        hint = difflib.get_close_matches(key, list(builtins), n=1)
+        extra = f" Did you mean the built-in {hint[0]!r}?" if hint else ""
+    raise RecipeError(
+        [f"recipe: file not found: {spec}.{extra} Built-in recipes: {', '.join(builtins)}"], source=spec
+    )
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        with fsspec.open(path, "r", encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"recipe {path}:{where}: not valid YAML ({problem})"], source=path) from None
+    except (FileNotFoundError, IsADirectoryError):
+        raise RecipeError([f"recipe: file not found: {path}"], source=path) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(
+            [f"recipe {path}: the top level must be a mapping of sections, got {type(data).__name__}"], source=path
+        )
+    return data
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge; a mapping whose ``name`` changes (another component) replaces the base mapping whole."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            if "name" in value and value.get("name") != old.get("name"):
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = _merge(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = resolve_recipe_path(spec)
+    if path in seen:
+        raise RecipeError([f"recipe {path}: extends itself through {' -> '.join(seen)}"], source=path)
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise RecipeError([f"extends: expected a recipe path or built-in name, got {parent!r}"], source=path)
+    if "://" not in parent and not os.path.isabs(parent):
+        base_dir = os.path.dirname(path)
+        candidate = os.path.join(base_dir, parent) if "://" not in path else path.rsplit("/", 1)[0] + "/" + parent
+        try:
+            resolve_recipe_path(candidate)
+            parent = candidate
+        except RecipeError:
+            pass  # fall back to a built-in name or a path relative to the working directory
+    return _merge(_load_raw(parent, seen + (path,)), data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` to (["a", "b", "c"], value); the value is read as YAML, then typed by the schema."""
+    if "=" not in item:
+        raise RecipeError([f"--set {item}: expected KEY=VALUE, e.g. train.steps=100"])
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError([f"--set {item}: the key must be a dotted path such as loss.lambda_f"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                where = ".".join(path[: i + 1])
+                raise RecipeError([f"--set {item}: {where} is {nxt!r}, not a section with keys"])
+            node = nxt
+        leaf = path[-1]
+        if leaf == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
+            # switching component: keep only the keys the new component accepts (checked at validation)
+            node.clear()
+        node[leaf] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation and error messages
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> BaseModel:
+    schema = recipe_schema()
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, raw, schema), source=source) from None
+
+
+def load_recipe(
+    spec: str | dict[str, Any] | BaseModel, overrides: list[str] | tuple[str, ...] = ()
+) -> BaseModel:
+    """Read, merge (``extends:``), override and validate a recipe.
+
+    ``spec`` is a path or fsspec URL, the name of a built-in recipe, a dict, or an already-built recipe.
+    Raises :class:`RecipeError` listing every problem.
+    """
+    if isinstance(spec, BaseModel):
+        raw, source = spec.model_dump(mode="json"), None
+    elif isinstance(spec, dict):
+        raw, source = copy.deepcopy(spec), None
+    else:
+        raw, source = _load_raw(str(spec)), str(spec)
+    raw = apply_overrides(raw, list(overrides))
+    return recipe_from_dict(raw, source)
+
+
+def dump_recipe(recipe: BaseModel) -> str:
+    """The fully resolved recipe as YAML (every default written out, component names first)."""
+    return yaml.safe_dump(_name_first(recipe.model_dump(mode="json")), sort_keys=False, default_flow_style=False)
+
+
+def _name_first(node: Any) -> Any:
+    if isinstance(node, dict):
+        ordered = {"name": node["name"]} if "name" in node else {}
+        ordered.update({k: _name_first(v) for k, v in node.items() if k != "name"})
+        return ordered
+    return node
+
+
+def _walk_raw(raw: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, bool]:
+    """Drop discriminator tags from a pydantic error location; return (dotted parts, raw value, found)."""
+    parts: list[str] = []
+    node = raw
+    found = True
+    for item in loc:
+        if isinstance(node, dict) and isinstance(item, str) and item not in node and node.get("name") == item:
+            continue  # the tag pydantic inserts for a discriminated union member
+        parts.append(str(item))
+        if isinstance(node, dict) and item in node:
+            node = node[item]
+        elif isinstance(node, list) and isinstance(item, int) and item < len(node):
+            node = node[item]
+        else:
+            node, found = None, False
+    return parts, node, found
+
+
+def _schema_at(schema: type[BaseModel], raw: Any, parts: list[str]) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at ``parts`` (following component names in ``raw``)."""
+    model: Any = schema
+    node = raw
+    for part in parts:
+        model = _resolve_model(model, node)
+        if model is None or part not in model.model_fields:
+            return None
+        model = model.model_fields[part].annotation
+        node = node.get(part) if isinstance(node, dict) else None
+    return _resolve_model(model, node)
+
+
+def _resolve_model(annotation: Any, node: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    args = getattr(annotation, "__args__", None) or getattr(annotation, "__metadata__", None)
+    origin_args = getattr(annotation, "__origin__", None)
+    candidates = []
+    if origin_args is not None and hasattr(annotation, "__metadata__"):  # Annotated[Union[...], ...]
+        candidates = list(getattr(origin_args, "__args__", ()) or [origin_args])
+    elif args:
+        candidates = list(args)
+    for cand in candidates:
+        if isinstance(cand, type) and issubclass(cand, BaseModel):
+            tag = cand.model_fields.get("name")
+            if tag is None or not isinstance(node, dict):
+                if tag is None:
+                    return cand
+                continue
+            if node.get("name") in getattr(tag.annotation, "__args__", ()):
+                return cand
+    return None
+
+
+def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseModel]) -> list[str]:
+    lines: list[str] = []
+    for err in exc.errors():
+        parts, value, found = _walk_raw(raw, tuple(err["loc"]))
+        path = ".".join(parts) or "(top level)"
+        etype = err["type"]
+        if etype == "extra_forbidden":
+            owner = _schema_at(schema, raw, parts[:-1])
+            accepted = [f for f in (owner.model_fields if owner else {}) if f != "name"]
+            hint = difflib.get_close_matches(parts[-1], accepted, n=1)
+            dym = f" Did you mean {hint[0]!r}?" if hint else ""
+            acc = f" Accepted keys: {', '.join(accepted)}." if accepted else ""
+            lines.append(f"{path}: unknown key (value {value!r}).{dym}{acc}")
+        elif etype == "union_tag_invalid":
+            kind = _COMPONENT_KINDS.get(path, "component")
+            known = err.get("ctx", {}).get("expected_tags", "")
+            known_list = [t.strip(" '") for t in str(known).split(",")]
+            given = err.get("ctx", {}).get("tag")
+            hint = difflib.get_close_matches(str(given), known_list, n=1)
+            dym = f" Did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"{path}.name: unknown {kind} {given!r}.{dym} Known: {', '.join(known_list)}")
+        elif etype == "union_tag_not_found":
+            known = err.get("ctx", {}).get("expected_tags", "")
+            lines.append(f"{path}.name: missing; a component section needs a name, one of: {known}")
+        elif etype == "missing":
+            lines.append(f"{path}: missing required value")
+        elif etype == "literal_error" and parts and parts[-1] == "name":  # a kind with a single component
+            known_list = [t.strip(" '") for t in str(err.get("ctx", {}).get("expected", "")).split(" or ")]
+            kind = _COMPONENT_KINDS.get(".".join(parts[:-1]), "component")
+            hint = difflib.get_close_matches(str(value), known_list, n=1)
+            dym = f" Did you mean {hint[0]!r}?" if hint else ""
+            lines.append(f"{path}: unknown {kind} {value!r}.{dym} Known: {', '.join(known_list)}")
+        else:
+            shown = repr(value) if found else repr(err.get("input"))
+            msg = err["msg"]
+            lines.append(f"{path}: got {shown}; {msg[0].lower() + msg[1:]}")
+    return lines
+
+
+_COMPONENT_KINDS = {
+    "model.vision": "vision_encoder",
+    "model.text": "text_encoder",
+    "model.image_pooler": "pooler",
+    "model.text_pooler": "pooler",
+    "loss": "loss",
+    "data": "dataset",
+    "engine": "engine",
+}

@@ -1,0 +1,88 @@
+"""Turning a dataset into batches: a resumable sampler, image normalisation and caption tokenisation."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Sampler
+
+from sparc_kit.data.tokenizer import Tokenizer
+
+__all__ = ["ResumableBatchSampler", "Collate", "make_loader", "IMAGE_MEAN", "IMAGE_STD"]
+
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ResumableBatchSampler(Sampler[list[int]]):
+    """An endless stream of batches over reshuffled epochs, that can start at any sample position.
+
+    Epoch ``e`` is the permutation ``randperm(n)`` seeded by ``seed + e``; the stream is their concatenation, so
+    the sample at global position ``k`` is a pure function of ``(seed, k)``. A run that has consumed ``k``
+    samples resumes with ``start=k`` and sees exactly the samples an uninterrupted run would have seen next.
+    With several processes, each global batch of ``batch_size * world_size`` is split by rank.
+    """
+
+    def __init__(
+        self, num_samples: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+    ):
+        if num_samples <= 0:
+            raise ValueError("the dataset is empty")
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start = start
+        self.rank = rank
+        self.world_size = world_size
+
+    def _epoch(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_samples, generator=g)
+
+    def indices(self, start: int) -> Iterator[int]:
+        epoch, offset = divmod(start, self.num_samples)
+        while True:
+            perm = self._epoch(epoch)
+            yield from perm[offset:].tolist()
+            epoch, offset = epoch + 1, 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        stream = self.indices(self.start)
+        global_batch = self.batch_size * self.world_size
+        lo = self.rank * self.batch_size
+        while True:
+            batch = [next(stream) for _ in range(global_batch)]
+            yield batch[lo : lo + self.batch_size]
+
+
+class Collate:
+    """Stack uint8 images into normalised float tensors (resized when needed) and tokenise the captions."""
+
+    def __init__(self, tokenizer: Tokenizer, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True)
+        return (x - self.mean) / self.std
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        images = self.images(torch.stack([s["image"] for s in samples]))
+        token_ids, token_mask = self.tokenizer([s["caption"] for s in samples])
+        return {"images": images, "token_ids": token_ids, "token_mask": token_mask}
+
+
+def make_loader(dataset, collate: Collate, batch_sampler: ResumableBatchSampler, num_workers: int = 0) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=False,
+    )

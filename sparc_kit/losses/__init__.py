@@ -1,0 +1,26 @@
+"""Losses: functional forms and registered modules.
+
+``clip_loss`` and ``sparc_fine_grained_loss`` are the equations; ``ClipLoss`` and ``SparcLoss`` are what recipes
+build (``loss: {name: sparc, lambda_f: 1.0}``). Every module is called with the model's output dict
+(``loss_fn(**model_out)``) and returns a dict whose ``loss`` entry is optimised; the rest are diagnostics.
+"""
+
+from sparc_kit.losses.functional import (
+    clip_loss,
+    contrastive_accuracy,
+    masked_pairwise_contrastive_loss,
+    sparc_alignment_weights,
+    sparc_fine_grained_loss,
+)
+from sparc_kit.losses.global_losses import ClipLoss
+from sparc_kit.losses.sparc import SparcLoss
+
+__all__ = [
+    "clip_loss",
+    "contrastive_accuracy",
+    "masked_pairwise_contrastive_loss",
+    "sparc_alignment_weights",
+    "sparc_fine_grained_loss",
+    "ClipLoss",
+    "SparcLoss",
+]

@@ -1,0 +1,177 @@
+"""Attention backends and the transformer block shared by the native encoders.
+
+One switch picks the kernel: ``sdpa`` (torch's fused ``scaled_dot_product_attention``, the default), ``math`` (an
+explicit softmax(QK^T / sqrt(d)) V, the reference the others are tested against) and ``xformers``
+(``memory_efficient_attention``, from the optional ``xformers`` extra, CUDA only). Each backend takes q, k, v of
+shape [B, H, N, Dh] and a boolean mask broadcastable to [B, H, N, N] (True = may attend).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from sparc_kit.registry import attention_backends
+
+__all__ = ["Attention", "Block", "Mlp", "attention_mask", "get_attention_backend", "BackendUnavailableError"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """An attention backend that cannot run in this environment."""
+
+
+@attention_backends.register("sdpa")
+def sdpa_attention(q, k, v, mask):
+    """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math, chosen by torch)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@attention_backends.register("math")
+def math_attention(q, k, v, mask):
+    """Explicit softmax(QK^T / sqrt(d)) V in float32: slow, the reference the fused kernels are checked against."""
+    dtype = q.dtype
+    q, k, v = q.float(), k.float(), v.float()
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return (scores.softmax(dim=-1) @ v).to(dtype)
+
+
+@attention_backends.register("xformers")
+def xformers_attention(q, k, v, mask):
+    """xformers.ops.memory_efficient_attention; needs the ``xformers`` extra and a CUDA device."""
+    try:
+        import xformers.ops as xops
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "attention backend 'xformers' needs the xformers package: pip install 'sparc-kit[xformers]' "
+            "(or use attention: sdpa)"
+        ) from exc
+    if q.device.type != "cuda":
+        raise BackendUnavailableError(
+            f"attention backend 'xformers' has no kernel for device {q.device.type!r}; it runs on CUDA only "
+            "(use attention: sdpa on this device)"
+        )
+    bias = None
+    if mask is not None:
+        n_q, n_k = q.shape[-2], k.shape[-2]
+        # xformers wants an additive bias whose last dimension is padded to a multiple of 8.
+        padded = (n_k + 7) // 8 * 8
+        full = torch.zeros(q.shape[0], q.shape[1], n_q, padded, dtype=q.dtype, device=q.device)
+        full[..., :n_k].masked_fill_(~mask.expand(q.shape[0], q.shape[1], n_q, n_k), float("-inf"))
+        bias = full[..., :n_k]
+    out = xops.memory_efficient_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias
+    )  # xformers layout is [B, N, H, Dh]
+    return out.transpose(1, 2)
+
+
+def get_attention_backend(name: str):
+    return attention_backends.get(name).builder
+
+
+def attention_mask(
+    key_mask: torch.Tensor | None, num_queries: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, Nq, Nk] combining key padding and causality; None when nothing is masked.
+
+    A query row with no key to attend to (a caption made only of padding) attends to every key instead: its
+    output is garbage but finite, and the loss drops it, where an all-masked row would give NaN.
+    """
+    mask = None
+    if key_mask is not None:
+        mask = key_mask.bool()[:, None, None, :]
+    if causal:
+        n = num_queries
+        tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()[None, None]
+        mask = tri if mask is None else mask & tri
+    if mask is not None:
+        mask = mask | ~mask.any(dim=-1, keepdim=True)
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int, backend: str = "sdpa"):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.backend = backend
+        self._kernel = get_attention_backend(backend)
+
+    def set_backend(self, backend: str) -> None:
+        self._kernel = get_attention_backend(backend)
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, w = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, N, Dh]
+        out = self._kernel(q, k, v, mask)
+        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = Attention(width, heads, backend)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of pre-LN blocks with optional gradient checkpointing."""
+
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, backend) for _ in range(depth))
+        self.grad_checkpointing = False
+
+    def set_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.attn.set_backend(backend)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return x
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal linear weights (std 0.02), zero biases, unit LayerNorms: the ViT / CLIP convention."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

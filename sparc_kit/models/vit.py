@@ -1,0 +1,75 @@
+"""A native Vision Transformer that returns patch tokens (SPARC needs every patch, not only a pooled vector)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from sparc_kit.models.attention import Transformer, init_weights
+from sparc_kit.registry import vision_encoders
+
+__all__ = ["VisionTransformer"]
+
+
+@vision_encoders.register("vit", internal=("attention", "grad_checkpointing"))
+class VisionTransformer(nn.Module):
+    """Pre-LN ViT. ``forward_features`` returns ``{"patch_tokens": [B, P, W], "cls_token": [B, W] | None}``.
+
+    The paper's image towers have no class token (the global embedding is average-pooled); ``class_token``
+    adds one for the class-token pooler. Sizes: B/32, B/16 = width 768, depth 12, heads 12; L/14 = 1024, 24, 16.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        patch_size: int = 16,
+        width: int = 768,
+        depth: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        in_channels: int = 3,
+        class_token: bool = False,
+        attention: str = "sdpa",
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.num_patches = self.grid**2
+        self.width = width
+        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
+        num_tokens = self.num_patches + (1 if class_token else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, attention)
+        self.norm = nn.LayerNorm(width)
+        self.apply(init_weights)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    @property
+    def output_dim(self) -> int:
+        return self.width
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.transformer.set_backend(backend)
+
+    def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.norm(self.transformer(x + self.pos_embed))
+        if self.cls_token is not None:
+            return {"patch_tokens": x[:, 1:], "cls_token": x[:, 0]}
+        return {"patch_tokens": x, "cls_token": None}
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images)["patch_tokens"]
