@@ -30,7 +30,7 @@ def _fail(lines: list[str] | str, code: int = 2, source: str | None = None) -> N
     if isinstance(lines, str):
         lines = [lines]
     for line in lines:
-        prefix = f"{source}: " if source and source not in line else ""
+        prefix = f"{source}: " if source and not line.startswith("recipe") else ""
         typer.echo(f"error: {prefix}{line}", err=True)
     raise typer.Exit(code)
 

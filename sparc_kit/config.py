@@ -53,7 +53,7 @@ class TokenizerConfig(Strict):
     path: str | None = None
     vocab_size: int = Field(32000, gt=3)
     context_length: int = Field(55, gt=1)
-    model_type: Literal["unigram", "bpe"] = "unigram"
+    model_type: Literal["unigram", "bpe", "word"] = "unigram"
     lowercase: bool = True
     add_eos: bool = True
     train_captions: int = Field(100_000, gt=0, description="how many training captions to train it on")
@@ -231,10 +231,12 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def _load_raw(spec: str, seen: tuple[tuple[str, str], ...] = ()) -> dict[str, Any]:
     path = resolve_recipe_path(spec)
-    if path in seen:
-        raise RecipeError([f"recipe {path}: extends itself through {' -> '.join(seen)}"], source=path)
+    key = path if "://" in path else os.path.realpath(path)  # ./a.yaml and a.yaml are one file
+    if key in [k for k, _ in seen]:
+        chain = " -> ".join(p for _, p in seen)
+        raise RecipeError([f"recipe {path}: extends itself through {chain}"], source=path)
     data = _read_yaml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -249,7 +251,7 @@ def _load_raw(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
             parent = candidate
         except RecipeError:
             pass  # fall back to a built-in name or a path relative to the working directory
-    return _merge(_load_raw(parent, seen + (path,)), data)
+    return _merge(_load_raw(parent, seen + ((key, path),)), data)
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -281,7 +283,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
                 raise RecipeError([f"--set {item}: {where} is {nxt!r}, not a section with keys"])
             node = nxt
         leaf = path[-1]
-        if leaf == "name" and isinstance(node.get("name"), str) and node.get("name") != value:
+        switching = len(path) > 1 and leaf == "name" and isinstance(node.get("name"), str)
+        if switching and node.get("name") != value:
             # switching component: keep only the keys the new component accepts (checked at validation)
             node.clear()
         node[leaf] = value
@@ -392,7 +395,9 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
         etype = err["type"]
         if etype == "extra_forbidden":
             owner = _schema_at(schema, raw, parts[:-1])
-            accepted = [f for f in (owner.model_fields if owner else {}) if f != "name"]
+            fields = owner.model_fields if owner else {}
+            tagged = "name" in fields and getattr(fields["name"].annotation, "__origin__", None) is Literal
+            accepted = [f for f in fields if not (tagged and f == "name")]
             hint = difflib.get_close_matches(parts[-1], accepted, n=1)
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
             acc = f" Accepted keys: {', '.join(accepted)}." if accepted else ""
@@ -406,8 +411,9 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
             lines.append(f"{path}.name: unknown {kind} {given!r}.{dym} Known: {', '.join(known_list)}")
         elif etype == "union_tag_not_found":
-            known = err.get("ctx", {}).get("expected_tags", "")
-            lines.append(f"{path}.name: missing; a component section needs a name, one of: {known}")
+            kind = _COMPONENT_KINDS.get(path)
+            known = ", ".join(reg.get_registry(kind).names()) if kind else "see `sparc components`"
+            lines.append(f"{path}.name: missing; a {kind or 'component'} section needs a name, one of: {known}")
         elif etype == "missing":
             lines.append(f"{path}: missing required value")
         elif etype == "literal_error" and parts and parts[-1] == "name":  # a kind with a single component

@@ -30,6 +30,10 @@ class ResumableBatchSampler(Sampler[list[int]]):
     ):
         if num_samples <= 0:
             raise ValueError("the dataset is empty")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.seed = seed

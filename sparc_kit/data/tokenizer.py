@@ -94,6 +94,13 @@ class Tokenizer:
         ids = ids[:limit]
         return ids + [EOS_ID] if self.add_eos else ids
 
+    def truncated_fraction(self, texts: Iterable[str]) -> float:
+        """The fraction of ``texts`` that do not fit ``context_length`` and lose their end."""
+        reserve = 1 if self.add_eos else 0
+        texts = list(texts)
+        cut = sum(len(self.sp.encode(t.lower() if self.lowercase else t)) + reserve > self.context_length for t in texts)
+        return cut / max(len(texts), 1)
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
 

@@ -20,17 +20,20 @@ from sparc_kit.registry import attention_backends
 __all__ = ["Attention", "Block", "Mlp", "attention_mask", "get_attention_backend", "BackendUnavailableError"]
 
 
+_KERNEL_ARGS = ("q", "k", "v", "mask")  # call arguments, not recipe settings
+
+
 class BackendUnavailableError(RuntimeError):
     """An attention backend that cannot run in this environment."""
 
 
-@attention_backends.register("sdpa")
+@attention_backends.register("sdpa", internal=_KERNEL_ARGS)
 def sdpa_attention(q, k, v, mask):
     """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math, chosen by torch)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@attention_backends.register("math")
+@attention_backends.register("math", internal=_KERNEL_ARGS)
 def math_attention(q, k, v, mask):
     """Explicit softmax(QK^T / sqrt(d)) V in float32: slow, the reference the fused kernels are checked against."""
     dtype = q.dtype
@@ -41,7 +44,7 @@ def math_attention(q, k, v, mask):
     return (scores.softmax(dim=-1) @ v).to(dtype)
 
 
-@attention_backends.register("xformers")
+@attention_backends.register("xformers", internal=_KERNEL_ARGS)
 def xformers_attention(q, k, v, mask):
     """xformers.ops.memory_efficient_attention; needs the ``xformers`` extra and a CUDA device."""
     try:

@@ -17,6 +17,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -100,7 +101,16 @@ def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None
         captions = list(dataset.captions(t.train_captions))
     else:
         captions = [dataset[i]["caption"] for i in range(min(len(dataset), t.train_captions))]
-    return Tokenizer.train(captions, vocab_size=t.vocab_size, model_type=t.model_type, **kwargs)
+    tokenizer = Tokenizer.train(captions, vocab_size=t.vocab_size, model_type=t.model_type, **kwargs)
+    cut = tokenizer.truncated_fraction(captions)
+    if cut > 0.05:
+        warnings.warn(
+            f"{cut:.0%} of the training captions are longer than tokenizer.context_length={t.context_length} "
+            f"with {tokenizer.vocab_size} {t.model_type} pieces and lose their end; raise context_length or "
+            "vocab_size",
+            stacklevel=2,
+        )
+    return tokenizer
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
@@ -247,7 +257,8 @@ def train(
 ) -> TrainResult:
     """Train ``recipe`` into ``out_dir``, resuming from its newest checkpoint.
 
-    ``callback(step, losses)`` is called after every optimizer step (for tests and notebooks). Ctrl-C saves a
+    ``callback(step, values)`` is called at the end of every step, after logging and checkpointing (for tests
+    and notebooks). Ctrl-C saves a
     checkpoint of the last completed step and raises :class:`TrainingInterrupted`; a non-finite loss raises
     :class:`NonFiniteLossError` before the update is applied.
     """
@@ -346,8 +357,6 @@ def train(
             for k, v in values.items():
                 window[k] = window.get(k, 0.0) + v
             window_n += 1
-            if callback is not None:
-                callback(step, values)
             row = None
             if step % cfg_train.log_every == 0 or step == total:
                 now = time.perf_counter()
@@ -367,6 +376,8 @@ def train(
             reporter.update(step, row, eta)
             if step % cfg_train.checkpoint_every == 0 or step == total:
                 checkpoint(step)
+            if callback is not None:
+                callback(step, values)
     except KeyboardInterrupt:
         reporter.close()
         if in_update:  # weights may be half-updated: the newest checkpoint is the one to resume from
