@@ -67,12 +67,12 @@ def train(
         typer.echo(dump_recipe(cfg), nl=False)
         return
     out_dir = out or _default_out(recipe, cfg)
-    from sparc_kit.train import NonFiniteLossError, ResumeMismatchError, TrainingInterrupted
+    from sparc_kit.train import NonFiniteLossError, ResumeMismatchError, RunFolderBusyError, TrainingInterrupted
     from sparc_kit.train import train as run_train
 
     try:
         result = run_train(cfg, out_dir, progress=not quiet)
-    except ResumeMismatchError as exc:
+    except (ResumeMismatchError, RunFolderBusyError) as exc:
         _fail(str(exc), 1)
     except NonFiniteLossError as exc:
         _fail(str(exc), 1)

@@ -81,7 +81,7 @@ def test_unknown_component_line(cli, in_tmp):
     (in_tmp / "bad.yaml").write_text("extends: sparc_tiny\nloss:\n  name: spark\n")
     assert_bad_input(
         cli("train", "bad.yaml"),
-        ["error: bad.yaml: loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, sparc"],
+        ["error: bad.yaml: loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, filip, gloria, mgca, pacl, siglip, sparc"],
     )
 
 
@@ -158,7 +158,7 @@ def test_set_without_equals_line(cli, in_tmp):
 def test_bad_recipe_in_recipes_show(cli, in_tmp):
     assert_bad_input(
         cli("recipes", "show", "sparc_tiny", "--set", "loss.name=spark"),
-        ["error: sparc_tiny: loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, sparc"],
+        ["error: sparc_tiny: loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, filip, gloria, mgca, pacl, siglip, sparc"],
     )
 
 
@@ -301,7 +301,13 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
     assert "loss: training objectives: global, fine-grained and combined" in lines
     component_names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("    ")]
     assert component_names == [
-        "vit", "transformer", "mean", "clip", "sparc", "synthetic", "local", "math", "sdpa", "xformers"
+        "timm", "vit",
+        "transformer",
+        "attention", "cls", "last", "max", "mean",
+        "clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc",
+        "synthetic",
+        "local",
+        "math", "sdpa", "xformers",
     ]
     assert "      lambda_g: float = 0.5" in lines
     assert "      lambda_f: float = 1.0" in lines
@@ -324,8 +330,7 @@ def test_components_one_kind(cli):
     assert lines[0] == "loss: training objectives: global, fine-grained and combined"
     assert [line for line in lines if line and not line.startswith(" ")] == [lines[0]]
     assert [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("    ")] == [
-        "clip",
-        "sparc",
+        "clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc",
     ]
     assert lines[1].startswith("  clip  CLIP's symmetric InfoNCE")
     assert lines[2] == "      local_loss: bool = True"

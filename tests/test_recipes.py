@@ -67,6 +67,7 @@ def test_sparc_tiny_values_as_written_and_defaults_filled():
         "sparsity_threshold": None,
         "average": "token",
         "weighting": "sparse",
+        "global_loss": "clip",
         "local_loss": True,
         "diagnostics": True,
     }
@@ -173,6 +174,7 @@ def test_override_switch_back_and_forth_gives_defaults_of_new_component():
         "sparsity_threshold": None,
         "average": "token",
         "weighting": "sparse",
+        "global_loss": "clip",
         "local_loss": True,
         "diagnostics": True,
     }
@@ -240,7 +242,7 @@ def test_problems_unknown_key_with_did_you_mean_and_accepted_keys():
 def test_problems_unknown_component_parameter_lists_that_components_keys():
     assert problems_of("sparc_tiny", ["loss.lambda_ff=1"]) == [
         "loss.lambda_ff: unknown key (value 1). Did you mean 'lambda_f'? Accepted keys: lambda_g, lambda_f, "
-        "sparsity_threshold, average, weighting, local_loss, diagnostics."
+        "sparsity_threshold, average, weighting, global_loss, local_loss, diagnostics."
     ]
     assert problems_of("sparc_tiny", ["model.vision.widht=3"]) == [
         "model.vision.widht: unknown key (value 3). Did you mean 'width'? Accepted keys: image_size, patch_size, "
@@ -256,15 +258,15 @@ def test_problems_key_of_the_old_component_after_switch():
 
 def test_problems_unknown_component_names():
     assert problems_of("sparc_tiny", ["loss.name=spark"]) == [
-        "loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, sparc"
+        "loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, filip, gloria, mgca, pacl, siglip, sparc"
     ]
     assert problems_of("sparc_tiny", ["data.name=synthetik"]) == [
         "data.name: unknown dataset 'synthetik'. Did you mean 'synthetic'? Known: synthetic"
     ]
     # kinds with a single registered component are a Literal, not a tagged union: same message
     assert problems_of("sparc_tiny", ["engine.name=ddp"]) == ["engine.name: unknown engine 'ddp'. Known: local"]
-    assert problems_of("sparc_tiny", ["model.image_pooler.name=max"]) == [
-        "model.image_pooler.name: unknown pooler 'max'. Known: mean"
+    assert problems_of("sparc_tiny", ["model.image_pooler.name=maxx"]) == [
+        "model.image_pooler.name: unknown pooler 'maxx'. Did you mean 'max'? Known: attention, cls, last, max, mean"
     ]
 
 
@@ -291,10 +293,11 @@ def test_problems_missing_sections_and_component_name():
         "loss: missing required value",
         "data: missing required value",
     ]
-    # a kind with a single component (the vision encoder) is a plain Literal field
     raw = yaml.safe_load(SPARC_TINY.read_text())
     del raw["model"]["vision"]["name"]
-    assert problems_of(raw) == ["model.vision.name: missing required value"]
+    assert problems_of(raw) == [
+        "model.vision.name: missing; a vision_encoder section needs a name, one of: timm, vit"
+    ]
 
 
 def test_problems_missing_component_name_lists_known_names():

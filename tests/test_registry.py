@@ -198,7 +198,7 @@ def test_unknown_name_without_close_match_and_empty_registry(toys, scaler):
 def test_unknown_real_loss_message():
     with pytest.raises(UnknownComponentError) as info:
         losses.get("spark")
-    assert str(info.value) == "unknown loss 'spark'. Did you mean 'sparc'? Known: clip, sparc"
+    assert str(info.value) == "unknown loss 'spark'. Did you mean 'sparc'? Known: clip, filip, gloria, mgca, pacl, siglip, sparc"
 
 
 def test_duplicate_registration_warns_and_later_wins(toys):
@@ -272,8 +272,9 @@ def test_version_bumps_on_each_registration(toys):
 
 def test_kinds_and_builtin_names():
     assert reg.kinds() == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention"]
-    assert losses.names() == ["clip", "sparc"]
-    assert reg.vision_encoders.names() == ["vit"]
+    assert losses.names() == ["clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc"]
+    assert reg.vision_encoders.names() == ["timm", "vit"]
+    assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
     assert reg.datasets.names() == ["synthetic"]
     assert reg.engines.names() == ["local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
@@ -358,7 +359,7 @@ def test_new_loss_is_usable_from_a_recipe_at_once(register_loss):
     with pytest.raises(RecipeError) as info:
         load_recipe("sparc_tiny", ["loss.name=focal"])
     assert info.value.problems == [
-        "loss.name: unknown loss 'focal'. Did you mean 'focal_test'? Known: clip, focal_test, sparc"
+        "loss.name: unknown loss 'focal'. Did you mean 'focal_test'? Known: clip, filip, focal_test, gloria, mgca, pacl, siglip, sparc"
     ]
 
 
@@ -369,4 +370,4 @@ def test_removed_loss_is_gone_from_recipes(register_loss):
     assert "focal_test" not in losses
     with pytest.raises(RecipeError) as info:
         load_recipe("sparc_tiny", ["loss.name=focal_test"])
-    assert info.value.problems == ["loss.name: unknown loss 'focal_test'. Known: clip, sparc"]
+    assert info.value.problems == ["loss.name: unknown loss 'focal_test'. Known: clip, filip, gloria, mgca, pacl, siglip, sparc"]

@@ -178,3 +178,58 @@ def test_smoke_train_command_in_process(tmp_path):
     reloaded = sparc_kit.load_recipe(str(out / "recipe.yaml"))
     assert reloaded.train.steps == 4 and reloaded.model.vision.width == 32
     assert [r["step"] for r in read_metrics(str(out))] == [2, 4]
+
+
+def test_second_trainer_on_the_same_run_folder_is_refused(tmp_path):
+    """Two processes training into one folder would interleave checkpoints; the second is refused at once."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, sys, time
+            h = open({str(out / '.lock')!r}, 'a+'); fcntl.flock(h, fcntl.LOCK_EX); h.write('4242'); h.flush()
+            print('locked', flush=True); time.sleep(30)
+        """)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        from sparc_kit.train import RunFolderBusyError
+
+        with pytest.raises(RunFolderBusyError, match="pid 4242"):
+            train(micro_recipe("train.steps=2"), str(out), progress=False)
+        assert not (out / "checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = train(micro_recipe("train.steps=2"), str(out), progress=False)  # free again once the holder is gone
+    assert result.steps == 2
+
+
+def test_loss_parameters_are_optimised_checkpointed_and_resumed(uninterrupted, tmp_path):
+    """MGCA's cross-attention lives in the loss: it is built at the model's width, trained, saved as
+    loss.safetensors and restored, so an interrupted MGCA run also resumes bit-identical."""
+    from sparc_kit.train import build_loss
+
+    recipe = micro_recipe("train.steps=8", "loss.name=mgca")
+    loss_fn = build_loss(recipe)
+    assert loss_fn.word_attention.q_proj.shape == (128, recipe.model.embed_dim)
+    before = {k: v.clone() for k, v in loss_fn.state_dict().items()}
+
+    ref, out = str(tmp_path / "ref"), str(tmp_path / "run")
+    train(recipe, ref, progress=False)
+    with pytest.raises(TrainingInterrupted):
+        train(recipe, out, progress=False, callback=Interrupt(5, KeyboardInterrupt()))
+    train(recipe, out, progress=False)
+    ckpt = latest_checkpoint(os.path.join(ref, "checkpoints"))
+    trained = load_file(os.path.join(ckpt, "loss.safetensors"))
+    assert set(trained) == set(before)
+    assert any(not torch.equal(trained[k], before[k]) for k in before), "the loss parameters never moved"
+    other = load_file(os.path.join(latest_checkpoint(os.path.join(out, "checkpoints")), "loss.safetensors"))
+    assert_same_weights(trained, other)
+    assert_same_weights(weights(ref), weights(out))

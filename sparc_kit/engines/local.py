@@ -53,7 +53,8 @@ class LocalEngine:
 
     def step(self, grad_clip: float | None) -> torch.Tensor:
         assert self.model is not None and self.optimizer is not None, "call prepare() first"
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        # every optimised tensor, the loss's own parameters included
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
         else:

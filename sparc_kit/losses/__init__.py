@@ -1,8 +1,11 @@
 """Losses: functional forms and registered modules.
 
 ``clip_loss`` and ``sparc_fine_grained_loss`` are the equations; ``ClipLoss`` and ``SparcLoss`` are what recipes
-build (``loss: {name: sparc, lambda_f: 1.0}``). Every module is called with the model's output dict
-(``loss_fn(**model_out)``) and returns a dict whose ``loss`` entry is optimised; the rest are diagnostics.
+build (``loss: {name: sparc, lambda_f: 1.0}``). The paper's other objectives are registered beside them: the
+global ``siglip`` (``SigLipLoss``) and the fine-grained baselines ``filip``, ``pacl``, ``gloria`` and ``mgca``
+(``FilipLoss``, ``PaclLoss``, ``GloriaLoss``, ``MgcaLoss``), each ``lambda_g * global + lambda_f * own term``.
+Every module is called with the model's output dict (``loss_fn(**model_out)``) and returns a dict whose ``loss``
+entry is optimised; the rest are diagnostics.
 """
 
 from sparc_kit.losses.functional import (
@@ -12,7 +15,11 @@ from sparc_kit.losses.functional import (
     sparc_alignment_weights,
     sparc_fine_grained_loss,
 )
-from sparc_kit.losses.global_losses import ClipLoss
+from sparc_kit.losses.filip import FilipLoss
+from sparc_kit.losses.gloria import GloriaLoss
+from sparc_kit.losses.global_losses import ClipLoss, GlobalPlusFineLoss, SigLipLoss
+from sparc_kit.losses.mgca import MgcaLoss
+from sparc_kit.losses.pacl import PaclLoss
 from sparc_kit.losses.sparc import SparcLoss
 
 __all__ = [
@@ -22,5 +29,11 @@ __all__ = [
     "sparc_alignment_weights",
     "sparc_fine_grained_loss",
     "ClipLoss",
+    "SigLipLoss",
     "SparcLoss",
+    "FilipLoss",
+    "PaclLoss",
+    "GloriaLoss",
+    "MgcaLoss",
+    "GlobalPlusFineLoss",
 ]

@@ -1,6 +1,15 @@
-"""Global (whole image vs whole caption) contrastive losses, registered under ``loss``."""
+"""Global (whole image vs whole caption) contrastive losses, registered under ``loss``.
+
+- ``clip``: CLIP's softmax InfoNCE (SPARC eq. 1).
+- ``siglip``: SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023) with a learned bias.
+
+Also the plumbing the fine-grained baselines share (:class:`GlobalPlusFineLoss`): one of the two global terms,
+weighted by ``lambda_g``, plus the baseline's own term weighted by ``lambda_f`` (the structure of SPARC's eq. 7).
+"""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -9,7 +18,23 @@ import torch.nn.functional as F
 
 from sparc_kit.registry import losses
 
-__all__ = ["ClipLoss", "gather_features", "global_logits"]
+__all__ = [
+    "ClipLoss",
+    "SigLipLoss",
+    "GlobalPlusFineLoss",
+    "GlobalLossName",
+    "build_global_term",
+    "gather_features",
+    "global_logits",
+    "logit_diagnostics",
+]
+
+GlobalLossName = Literal["clip", "siglip"]
+
+#: SigLIP's initial bias (Zhai et al. 2023 initialise t' = log 10 and b = -10), so that at initialisation the
+#: B^2 - B negative pairs, which vastly outnumber the B positives, start near their target instead of
+#: dominating the first steps.
+SIGLIP_INIT_BIAS = -10.0
 
 
 def _world() -> tuple[int, int]:
@@ -73,7 +98,7 @@ class ClipLoss(nn.Module):
             logits_i2t, logits_t2i, targets = global_logits(image_embeds, text_embeds, logit_scale, self.local_loss)
             loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
         with torch.no_grad():
-            diag = _logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale)
+            diag = logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale)
         return loss, diag
 
     def forward(self, image_embeds, text_embeds, logit_scale, **_) -> dict[str, torch.Tensor]:
@@ -81,7 +106,7 @@ class ClipLoss(nn.Module):
         return {"loss": loss, "global_loss": loss.detach(), **diag}
 
 
-def _logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale) -> dict[str, torch.Tensor]:
+def logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale) -> dict[str, torch.Tensor]:
     """big_vision-style extras: accuracy each way and the mean positive / negative logit."""
     n = logits_i2t.shape[0]
     rows = torch.arange(n, device=logits_i2t.device)
@@ -99,3 +124,133 @@ def _logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale) -> dict[str
         "logit_scale": logit_scale.detach().float(),
     }
 
+
+_logit_diagnostics = logit_diagnostics  # the earlier private name
+
+
+@losses.register("siglip")
+class SigLipLoss(nn.Module):
+    """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023; its Algorithm 1), with a learned bias.
+
+    Every (image i, text j) pair of the batch is an independent binary problem, label ``z_ij = +1`` on the
+    diagonal and ``-1`` elsewhere::
+
+        logit_ij = t * cos(x_i, y_j) + b
+        L = -1/B * sum_i sum_j log sigmoid(z_ij * logit_ij)
+
+    i.e. summed over the B x B pairs and divided by B, as in the SigLIP paper (not a mean over B^2 pairs).
+    ``t`` is the model's ``logit_scale`` (the shared learned temperature 1/tau); ``b`` is this module's learned
+    bias, initialised to ``init_bias`` (SigLIP: -10). SigLIP also initialises the scale to 10 (``t' = log 10``);
+    that is a *model* setting here: ``model.init_temperature: 0.1`` (the default 0.07 starts at 1/0.07 = 14.3).
+
+    Several processes: each process scores its own images against the texts of every process, gathered with
+    gradient by :func:`gather_features` ([B_local, B_global] logits, positives at ``rank * B_local + i``). The
+    pairs (i, j) over all processes are then each scored exactly once, and dividing by ``B_local`` makes the
+    data-parallel average of the per-process losses equal the single-process loss on the global batch (the
+    chunked form of SigLIP's Algorithm 1 computes the same sum by passing text chunks round instead of
+    gathering them). Only the single-process path is covered by tests so far.
+
+    Memory: O(B^2) logits (O(B_local * B_global) with several processes).
+    """
+
+    def __init__(self, init_bias: float = SIGLIP_INIT_BIAS):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast(device_type=image_embeds.device.type, enabled=False):
+            image = F.normalize(image_embeds.float(), dim=-1)  # [B, D]
+            text = F.normalize(text_embeds.float(), dim=-1)  # [B, D]
+            scale = torch.as_tensor(logit_scale, device=image.device).float()
+            bias = self.bias.float()
+            rank, world = _world()
+            all_text = gather_features(text) if world > 1 else text  # [B_global, D]
+            logits = scale * image @ all_text.t() + bias  # [B_local, B_global]
+            n_local = image.shape[0]
+            targets = torch.arange(n_local, device=image.device) + rank * n_local  # [B_local]
+            signs = -torch.ones_like(logits)
+            signs[torch.arange(n_local, device=image.device), targets] = 1.0
+            loss = -F.logsigmoid(signs * logits).sum() / n_local
+        with torch.no_grad():
+            if world > 1:
+                logits_t2i = scale * text @ gather_features(image).t() + bias
+            else:
+                logits_t2i = logits.t()
+            diag = logit_diagnostics(logits, logits_t2i, targets, scale)
+            diag["siglip_bias"] = self.bias.detach().float()
+        return loss, diag
+
+    def forward(self, image_embeds, text_embeds, logit_scale, **_) -> dict[str, torch.Tensor]:
+        loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+        return {"loss": loss, "global_loss": loss.detach(), **diag}
+
+
+def build_global_term(name: GlobalLossName = "clip", local_loss: bool = True) -> ClipLoss | SigLipLoss:
+    """The global loss module a combined loss delegates to: ``clip`` (eq. 1) or ``siglip`` (bias init -10)."""
+    if name == "clip":
+        return ClipLoss(local_loss=local_loss)
+    if name == "siglip":
+        return SigLipLoss()
+    raise ValueError(f"global_loss must be 'clip' or 'siglip', got {name!r}")
+
+
+class GlobalPlusFineLoss(nn.Module):
+    """``lambda_g * L_global + lambda_f * L_fine``: the structure of SPARC's eq. 7, shared by the baselines.
+
+    Subclasses compute their own term and call :meth:`combine`. The global term is ``clip`` (eq. 1) or
+    ``siglip`` (:class:`SigLipLoss`, whose learned bias then lives in ``self.global_term``).
+
+    ``lambda_g == 0`` (a baseline trained on its own objective, as FILIP and PACL are in the paper) leaves the
+    global term out of the optimised loss: it is still computed, without gradient, for the ``global_loss``
+    diagnostic, and the accuracy / logit diagnostics then come from the baseline's own cross-batch logits when it
+    has them. With ``global_loss: siglip`` and ``lambda_g: 0`` the SigLIP bias gets no gradient.
+    """
+
+    def __init__(
+        self,
+        lambda_g: float = 0.5,
+        lambda_f: float = 1.0,
+        global_loss: GlobalLossName = "clip",
+        local_loss: bool = True,
+    ):
+        super().__init__()
+        self.lambda_g = lambda_g
+        self.lambda_f = lambda_f
+        self.global_loss_name = global_loss
+        self.global_term = build_global_term(global_loss, local_loss)
+
+    def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.global_term.global_loss(image_embeds, text_embeds, logit_scale)
+
+    def combine(
+        self,
+        fine_loss: torch.Tensor,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        logit_scale: torch.Tensor,
+        fine_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The output dict: ``loss`` plus detached diagnostics.
+
+        ``fine_logits`` are the baseline's own square (image->text, text->image) logits, rows the query side,
+        for the ``fine_i2t_acc`` / ``fine_t2i_acc`` diagnostics (and for all of them when ``lambda_g == 0``).
+        """
+        if self.lambda_g != 0:
+            global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+            loss = self.lambda_g * global_loss + self.lambda_f * fine_loss
+        else:
+            with torch.no_grad():
+                global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+            loss = self.lambda_f * fine_loss
+        out = {"loss": loss, "global_loss": global_loss.detach(), "fine_loss": fine_loss.detach()}
+        if fine_logits is not None:
+            with torch.no_grad():
+                logits_i2t, logits_t2i = (x.detach() for x in fine_logits)
+                targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+                fine_diag = logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale)
+            out["fine_i2t_acc"] = fine_diag["i2t_acc"]
+            out["fine_t2i_acc"] = fine_diag["t2i_acc"]
+            if self.lambda_g == 0:
+                diag = {**diag, **fine_diag}
+        out.update(diag)
+        return out

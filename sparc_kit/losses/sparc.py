@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 
 from sparc_kit.losses.functional import sparc_fine_grained_loss
-from sparc_kit.losses.global_losses import ClipLoss
+from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss
 from sparc_kit.registry import losses
 
 __all__ = ["SparcLoss"]
@@ -20,6 +20,10 @@ class SparcLoss(ClipLoss):
     ``sparsity_threshold`` is sigma of eq. 3 (None: 1/P, the paper's choice); ``average`` is "token" (the
     paper's pseudo-code) or "caption" (eq. 6); ``weighting`` is "sparse" (the method), "dense" (no threshold) or
     "softmax" (the paper's ablation rows). The fine-grained term is per sample: memory O(B L P), no all-gather.
+
+    ``global_loss`` picks the global term: "clip" (eq. 1, the paper) or "siglip" (:class:`SigLipLoss`, the
+    sigmoid loss with a learned bias initialised to -10; the bias is then a parameter of this module, ``siglip.bias``,
+    to be optimised and checkpointed with it). The fine-grained term keeps its softmax contrast either way.
 
     Diagnostics: the fraction of alignment weights the threshold zeroed, the mean number of patches a real
     token groups, and the *shortcut gap*: the fine-grained loss recomputed (no gradient) with each caption
@@ -34,16 +38,28 @@ class SparcLoss(ClipLoss):
         sparsity_threshold: float | None = None,
         average: Literal["token", "caption"] = "token",
         weighting: Literal["sparse", "dense", "softmax"] = "sparse",
+        global_loss: GlobalLossName = "clip",
         local_loss: bool = True,
         diagnostics: bool = True,
     ):
         super().__init__(local_loss=local_loss)
+        if global_loss not in ("clip", "siglip"):
+            raise ValueError(f"global_loss must be 'clip' or 'siglip', got {global_loss!r}")
+        # not ``self.global_loss``: that name is the method computing the term
+        self.global_loss_name = global_loss
+        if global_loss == "siglip":
+            self.siglip = SigLipLoss()
         self.lambda_g = lambda_g
         self.lambda_f = lambda_f
         self.sparsity_threshold = sparsity_threshold
         self.average = average
         self.weighting = weighting
         self.diagnostics = diagnostics
+
+    def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.global_loss_name == "siglip":
+            return self.siglip.global_loss(image_embeds, text_embeds, logit_scale)
+        return super().global_loss(image_embeds, text_embeds, logit_scale)
 
     def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale, return_weights=False):
         return sparc_fine_grained_loss(

@@ -4,22 +4,54 @@ from __future__ import annotations
 
 from typing import Any
 
-from sparc_kit.models import attention, poolers, text, vit  # noqa: F401  (registration)
+from sparc_kit.models import attention, poolers, text, timm_encoder, vit  # noqa: F401  (registration)
 from sparc_kit.models.dual_encoder import DualEncoder
-from sparc_kit.models.poolers import MeanPooler, masked_mean
+from sparc_kit.models.poolers import (
+    AttentionPooler,
+    ClsPooler,
+    LastTokenPooler,
+    MaxPooler,
+    MeanPooler,
+    masked_max,
+    masked_mean,
+)
 from sparc_kit.models.text import TextTransformer
+from sparc_kit.models.timm_encoder import TimmVisionEncoder
 from sparc_kit.models.vit import VisionTransformer
 from sparc_kit.registry import poolers as pooler_registry
 from sparc_kit.registry import text_encoders, vision_encoders
 
-__all__ = ["DualEncoder", "VisionTransformer", "TextTransformer", "MeanPooler", "masked_mean", "build_model"]
+__all__ = [
+    "DualEncoder",
+    "VisionTransformer",
+    "TimmVisionEncoder",
+    "TextTransformer",
+    "MeanPooler",
+    "ClsPooler",
+    "LastTokenPooler",
+    "AttentionPooler",
+    "MaxPooler",
+    "masked_mean",
+    "masked_max",
+    "build_model",
+]
+
+
+def has_class_token(encoder: Any) -> bool:
+    """Whether an encoder's ``forward_features`` returns a class token (timm wrapper flag, or a native vit's)."""
+    flag = getattr(encoder, "has_class_token", None)
+    if isinstance(flag, bool):
+        return flag
+    return getattr(encoder, "cls_token", None) is not None
 
 
 def build_model(recipe: Any) -> DualEncoder:
     """Build the dual encoder a recipe describes (a recipe object, or anything ``load_recipe`` accepts).
 
     The text tower's vocabulary size and context length default to the tokenizer section's, and the recipe's
-    ``model.attention`` switch is passed to every native encoder that has an ``attention`` parameter.
+    ``model.attention`` switch is passed to every native encoder that has an ``attention`` parameter (timm
+    encoders keep their own attention). A ``cls`` pooler on a tower without a class token is refused here,
+    before any training, rather than at the first forward.
     """
     from sparc_kit.config import load_recipe
 
@@ -39,6 +71,13 @@ def build_model(recipe: Any) -> DualEncoder:
 
     vision = build(vision_encoders, m.vision)
     text_tower = build(text_encoders, m.text)
+    if m.image_pooler.name == "cls" and not has_class_token(vision):
+        raise ValueError(
+            f"model.image_pooler: 'cls' needs a class token and vision encoder {m.vision.name!r} has none "
+            "(vit: set model.vision.class_token=true; timm: a model with a class token; or use mean)"
+        )
+    if m.text_pooler.name == "cls":
+        raise ValueError("model.text_pooler: 'cls' needs a class token and text towers have none (use mean or last)")
     model = DualEncoder(
         vision=vision,
         text=text_tower,

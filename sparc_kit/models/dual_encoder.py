@@ -80,7 +80,7 @@ class DualEncoder(nn.Module):
             token_mask = token_ids != self.pad_id
         token_mask = token_mask.bool()
         tokens = self.text(token_ids, token_mask)  # [B, L, Wt]
-        pooled = self.text_pooler(tokens, token_mask)
+        pooled = self.text_pooler(tokens, token_mask, cls_token=None)  # [B, Wt]; text towers have no class token
         return {
             "token_embeds": self.text_adapter(tokens),  # [B, L, E]
             "text_embeds": self.text_adapter(pooled),  # [B, E]

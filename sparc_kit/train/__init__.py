@@ -4,6 +4,7 @@ from sparc_kit.train.checkpoint import latest_checkpoint, load_checkpoint, load_
 from sparc_kit.train.loop import (
     NonFiniteLossError,
     ResumeMismatchError,
+    RunFolderBusyError,
     TrainingInterrupted,
     TrainResult,
     build_loss,
@@ -18,6 +19,7 @@ __all__ = [
     "TrainResult",
     "NonFiniteLossError",
     "ResumeMismatchError",
+    "RunFolderBusyError",
     "TrainingInterrupted",
     "build_loss",
     "build_tokenizer",

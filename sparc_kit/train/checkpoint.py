@@ -3,6 +3,8 @@
 Layout of ``RUN/checkpoints/step_00000200/``:
 
 - ``model.safetensors``: the model weights (no pickle a user must trust);
+- ``loss.safetensors``: the loss's own parameters, for losses that have some (SigLIP's bias, MGCA's
+  cross-attention);
 - ``trainer.pt``: optimizer state and RNG state, tensors and plain containers only, read back with
   ``torch.load(weights_only=True)``;
 - ``state.json``: step, samples seen (the data position), the time trained.
@@ -51,15 +53,21 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int = 2,
+    extra_modules: dict[str, torch.nn.Module] | None = None,
 ) -> str:
-    """Write checkpoint ``step`` under ``root`` (the run's ``checkpoints/`` folder); keep the newest ``keep``."""
+    """Write checkpoint ``step`` under ``root`` (the run's ``checkpoints/`` folder); keep the newest ``keep``.
+
+    ``extra_modules`` (e.g. ``{"loss": loss_fn}``) are saved as ``NAME.safetensors`` when they hold tensors.
+    """
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
     final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt", "step": str(step)})
+        for name, module in {"model": model, **(extra_modules or {})}.items():
+            weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            if weights or name == "model":
+                save_file(weights, os.path.join(tmp, f"{name}.safetensors"), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, **state}, f, indent=1)
@@ -105,6 +113,8 @@ def latest_checkpoint(root: str) -> str | None:
 def load_model_weights(model: torch.nn.Module, path: str) -> None:
     """Load ``model.safetensors`` from a checkpoint folder (or a .safetensors file) into ``model``, strictly."""
     file = path if path.endswith(".safetensors") else os.path.join(path, "model.safetensors")
+    if not os.path.exists(file):
+        raise ValueError(f"checkpoint {os.path.dirname(file)} has no {os.path.basename(file)}")
     weights = load_file(file)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -114,9 +124,14 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
         )
 
 
-def load_checkpoint(path: str, model: torch.nn.Module) -> CheckpointInfo:
-    """Load weights into ``model``; return the trainer state and run state for the loop to restore."""
+def load_checkpoint(
+    path: str, model: torch.nn.Module, extra_modules: dict[str, torch.nn.Module] | None = None
+) -> CheckpointInfo:
+    """Load weights into ``model`` (and ``extra_modules``); return the trainer and run state to restore."""
     load_model_weights(model, path)
+    for name, module in (extra_modules or {}).items():
+        if module.state_dict():
+            load_model_weights(module, os.path.join(path, f"{name}.safetensors"))
     trainer_state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainingInterrupted",
     "ResumeMismatchError",
+    "RunFolderBusyError",
     "build_tokenizer",
     "build_loss",
     "read_metrics",
@@ -61,6 +63,37 @@ class TrainingInterrupted(RuntimeError):
         super().__init__(f"interrupted after step {step}; checkpoint saved in {out_dir}; run again to resume")
 
 
+class RunFolderBusyError(RuntimeError):
+    """Another process is training into the same run folder."""
+
+
+@contextlib.contextmanager
+def _run_lock(out_dir: str):
+    """An exclusive lock on ``out_dir/.lock`` for the whole run: two trainers in one folder would interleave
+    their checkpoints and metrics. The lock is released by the OS if the process dies."""
+    import fcntl
+
+    path = os.path.join(out_dir, ".lock")
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            raise RunFolderBusyError(
+                f"run folder {out_dir} is in use by another training process (pid {owner}); wait for it, or use "
+                "another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ResumeMismatchError(ValueError):
     """The run folder holds a checkpoint of a different model or tokenizer than the recipe asks for."""
 
@@ -77,7 +110,10 @@ class TrainResult:
 
 
 def build_loss(recipe: Any) -> torch.nn.Module:
-    return losses.get(recipe.loss.name).build(recipe.loss)
+    """The recipe's loss; a loss that sizes parameters by the embedding width is told ``model.embed_dim``."""
+    entry = losses.get(recipe.loss.name)
+    extra = {"embed_dim": recipe.model.embed_dim} if "embed_dim" in entry.internal else {}
+    return entry.build(recipe.loss, **extra)
 
 
 def build_engine(recipe: Any):
@@ -172,10 +208,11 @@ def _ckpt_step(root: str) -> int:
     return int(os.path.basename(path).split("_")[1]) if path else 0
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only: biases, norms and the temperature are not decayed (CLIP / open_clip practice)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    named = [item for module in modules for item in module.named_parameters()]
+    for name, p in named:
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
@@ -264,9 +301,14 @@ def train(
     """
     if not hasattr(recipe, "model"):
         recipe = load_recipe(recipe)
+    os.makedirs(out_dir, exist_ok=True)
+    with _run_lock(out_dir):
+        return _train(recipe, out_dir, progress, callback)
+
+
+def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
-    os.makedirs(out_dir, exist_ok=True)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     ckpt_path = latest_checkpoint(ckpt_root)
     if ckpt_path:
@@ -288,14 +330,18 @@ def train(
     loss_fn = build_loss(recipe)
     engine = build_engine(recipe)
     model.to(engine.device)
+    loss_fn.to(engine.device)  # some losses own parameters (SigLIP's bias, MGCA's cross-attention)
     optimizer = torch.optim.AdamW(
-        _param_groups(model, cfg_optim.weight_decay), lr=cfg_optim.lr, betas=cfg_optim.betas, eps=cfg_optim.eps
+        _param_groups([model, loss_fn], cfg_optim.weight_decay),
+        lr=cfg_optim.lr,
+        betas=cfg_optim.betas,
+        eps=cfg_optim.eps,
     )
     model = engine.prepare(model, optimizer)
 
     start_step, samples_seen, trained_s = 0, 0, 0.0
     if ckpt_path:
-        info = load_checkpoint(ckpt_path, model)
+        info = load_checkpoint(ckpt_path, model, {"loss": loss_fn})
         optimizer.load_state_dict(info.state["trainer"]["optimizer"])
         _set_rng_state(info.state["trainer"]["rng"])
         start_step, samples_seen = info.step, int(info.state["samples_seen"])
@@ -321,6 +367,7 @@ def train(
                 {"optimizer": optimizer.state_dict(), "rng": _rng_state()},
                 {"samples_seen": samples_seen, "trained_s": trained_s + time.perf_counter() - t_loop},
                 keep=cfg_train.keep_checkpoints,
+                extra_modules={"loss": loss_fn},
             )
 
     reporter = _Reporter(total, start_step, progress and engine.is_main)
@@ -331,6 +378,7 @@ def train(
     step = start_step
     in_update = False
     model.train()
+    loss_fn.train()
     try:
         batches = iter(loader)
         while step < total:
