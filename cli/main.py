@@ -67,14 +67,20 @@ def train(
         typer.echo(dump_recipe(cfg), nl=False)
         return
     out_dir = out or _default_out(recipe, cfg)
-    from sparc_kit.train import NonFiniteLossError, ResumeMismatchError, RunFolderBusyError, TrainingInterrupted
+    from sparc_kit.train import (
+        NonFiniteLossError,
+        ResumeMismatchError,
+        RunFolderBusyError,
+        TooManyBadSamplesError,
+        TrainingInterrupted,
+    )
     from sparc_kit.train import train as run_train
 
     try:
         result = run_train(cfg, out_dir, progress=not quiet)
     except (ResumeMismatchError, RunFolderBusyError) as exc:
         _fail(str(exc), 1)
-    except NonFiniteLossError as exc:
+    except (NonFiniteLossError, TooManyBadSamplesError) as exc:
         _fail(str(exc), 1)
     except TrainingInterrupted as exc:
         typer.echo(f"\n{exc}", err=True)

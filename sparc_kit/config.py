@@ -83,6 +83,9 @@ class TrainConfig(Strict):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    max_skip_fraction: float = Field(
+        0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
+    )
 
 
 def _model_fields(kind_model: type[BaseModel]) -> list[str]:

@@ -419,7 +419,8 @@ def test_collate_resize_and_tokens(tokenizer, dataset):
     collate = Collate(tokenizer, image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     items = [dataset[i] for i in range(5)]
     batch = collate(items)
-    assert set(batch) == {"images", "token_ids", "token_mask"}
+    assert set(batch) == {"images", "token_ids", "token_mask", "skipped", "truncated"}
+    assert int(batch["skipped"]) == 0 and int(batch["truncated"]) == 0
     assert batch["images"].shape == (5, 3, 16, 16)
     # with mean 0 / std 1 the values stay in [0, 1] and the spatial mean survives the (antialiased) downsizing
     assert batch["images"].min() >= 0 and batch["images"].max() <= 1
@@ -451,3 +452,23 @@ def test_loader_with_workers_matches_single_process(tokenizer):
         expected = collate([ds[i] for i in idx])
         assert torch.equal(a["images"], expected["images"])
         assert torch.equal(a["token_ids"], expected["token_ids"])
+
+
+def test_collate_drops_and_counts_bad_samples(tokenizer, dataset):
+    """A map-style dataset's {"skip": why} and an iterable one's skipped_before both end up in `skipped`."""
+    collate = Collate(tokenizer, image_size=16)
+    good = [dataset[i] for i in range(3)]
+    batch = collate([good[0], {"skip": "undecodable image"}, {**good[1], "skipped_before": 2}, good[2]])
+    assert batch["images"].shape[0] == 3 and batch["token_ids"].shape[0] == 3
+    assert int(batch["skipped"]) == 3
+    empty = collate([{"skip": "missing file"}, {"skip": "empty caption"}])
+    assert empty["images"].shape == (0, 3, 16, 16) and int(empty["skipped"]) == 2
+
+
+def test_collate_counts_truncated_captions(tokenizer, dataset):
+    collate = Collate(tokenizer, image_size=16)
+    item = dataset[0]
+    long_caption = " ".join([item["caption"]] * 20)
+    batch = collate([item, {**item, "caption": long_caption}])
+    assert int(batch["truncated"]) == 1
+    assert tokenizer.is_truncated(long_caption) and not tokenizer.is_truncated(item["caption"])

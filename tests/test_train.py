@@ -233,3 +233,45 @@ def test_loss_parameters_are_optimised_checkpointed_and_resumed(uninterrupted, t
     other = load_file(os.path.join(latest_checkpoint(os.path.join(out, "checkpoints")), "loss.safetensors"))
     assert_same_weights(trained, other)
     assert_same_weights(weights(ref), weights(out))
+
+
+class _Flaky(torch.utils.data.Dataset):
+    """Wraps a dataset; every ``every``-th sample is unreadable."""
+
+    def __init__(self, inner, every):
+        self.inner, self.every = inner, every
+
+    def __len__(self):
+        return len(self.inner)
+
+    def captions(self, limit=None):
+        return self.inner.captions(limit)
+
+    def __getitem__(self, i):
+        return {"skip": "broken"} if i % self.every == 0 else self.inner[i]
+
+
+def _flaky_dataset(monkeypatch, every):
+    import sparc_kit.train.loop as loop
+
+    real = loop.build_dataset
+    monkeypatch.setattr(loop, "build_dataset", lambda recipe: _Flaky(real(recipe), every))
+
+
+def test_unreadable_samples_are_skipped_counted_and_logged(tmp_path, monkeypatch):
+    _flaky_dataset(monkeypatch, every=16)  # 4 of the 64 indices: 6.25%, under the default 10%
+    result = train(micro_recipe("train.steps=16"), str(tmp_path), progress=False)
+    rows = result.metrics
+    last = rows[-1]
+    # 16 steps x 8 positions = 128 positions = two passes over the 64 samples; 4 bad ones each pass
+    assert last["skipped_samples"] == 8
+    assert last["samples_seen"] == 128
+    assert all(r["skipped_samples"] <= last["skipped_samples"] for r in rows)
+
+
+def test_too_many_unreadable_samples_stop_the_run(tmp_path, monkeypatch):
+    from sparc_kit.train import TooManyBadSamplesError
+
+    _flaky_dataset(monkeypatch, every=4)  # 25% unreadable
+    with pytest.raises(TooManyBadSamplesError, match="max_skip_fraction=0.1"):
+        train(micro_recipe("train.steps=60"), str(tmp_path), progress=False)

@@ -23,10 +23,21 @@ class ResumableBatchSampler(Sampler[list[int]]):
     the sample at global position ``k`` is a pure function of ``(seed, k)``. A run that has consumed ``k``
     samples resumes with ``start=k`` and sees exactly the samples an uninterrupted run would have seen next.
     With several processes, each global batch of ``batch_size * world_size`` is split by rank.
+
+    With ``with_epoch=True`` an index is yielded as ``epoch * n + index``, for datasets that vary a sample by
+    epoch (a manifest with several captions per image picks one per epoch); such a dataset declares
+    ``epoch_aware = True`` and reads ``index % n`` and ``index // n``.
     """
 
     def __init__(
-        self, num_samples: int, batch_size: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        with_epoch: bool = False,
     ):
         if num_samples <= 0:
             raise ValueError("the dataset is empty")
@@ -40,6 +51,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.start = start
         self.rank = rank
         self.world_size = world_size
+        self.with_epoch = with_epoch
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed + epoch)
@@ -49,6 +61,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         epoch, offset = divmod(start, self.num_samples)
         while True:
             perm = self._epoch(epoch)
+            if self.with_epoch:
+                perm = perm + epoch * self.num_samples
             yield from perm[offset:].tolist()
             epoch, offset = epoch + 1, 0
 
@@ -62,7 +76,13 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
 
 class Collate:
-    """Stack uint8 images into normalised float tensors (resized when needed) and tokenise the captions."""
+    """Stack uint8 images into normalised float tensors (resized when needed) and tokenise the captions.
+
+    Bad samples never stop a run. A dataset marks one it could not read as ``{"skip": "why"}`` (a map-style
+    dataset) or counts the ones it passed over in a good sample's ``"skipped_before"`` (an iterable dataset);
+    the batch then carries ``skipped`` (how many) and ``truncated`` (captions cut at the context length), which
+    the training loop adds up and logs.
+    """
 
     def __init__(self, tokenizer: Tokenizer, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
         self.tokenizer = tokenizer
@@ -77,9 +97,21 @@ class Collate:
         return (x - self.mean) / self.std
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        images = self.images(torch.stack([s["image"] for s in samples]))
-        token_ids, token_mask = self.tokenizer([s["caption"] for s in samples])
-        return {"images": images, "token_ids": token_ids, "token_mask": token_mask}
+        good = [s for s in samples if "skip" not in s]
+        skipped = len(samples) - len(good) + sum(int(s.get("skipped_before", 0)) for s in good)
+        captions = [s["caption"] for s in good]
+        if good:
+            images = self.images(torch.stack([s["image"] for s in good]))
+        else:
+            images = torch.empty(0, 3, self.image_size, self.image_size)
+        token_ids, token_mask, truncated = self.tokenizer.tokenize(captions)
+        return {
+            "images": images,
+            "token_ids": token_ids,
+            "token_mask": token_mask,
+            "skipped": torch.tensor(skipped),
+            "truncated": torch.tensor(truncated),
+        }
 
 
 def make_loader(dataset, collate: Collate, batch_sampler: ResumableBatchSampler, num_workers: int = 0) -> DataLoader:

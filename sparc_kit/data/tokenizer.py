@@ -94,25 +94,37 @@ class Tokenizer:
         ids = ids[:limit]
         return ids + [EOS_ID] if self.add_eos else ids
 
+    def is_truncated(self, text: str) -> bool:
+        """Whether ``text`` does not fit ``context_length`` and loses its end."""
+        reserve = 1 if self.add_eos else 0
+        return len(self.sp.encode(text.lower() if self.lowercase else text)) + reserve > self.context_length
+
     def truncated_fraction(self, texts: Iterable[str]) -> float:
         """The fraction of ``texts`` that do not fit ``context_length`` and lose their end."""
-        reserve = 1 if self.add_eos else 0
         texts = list(texts)
-        cut = sum(len(self.sp.encode(t.lower() if self.lowercase else t)) + reserve > self.context_length for t in texts)
-        return cut / max(len(texts), 1)
+        return sum(self.is_truncated(t) for t in texts) / max(len(texts), 1)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
 
     def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(token_ids [B, context_length] long, token_mask [B, context_length] bool)``."""
+        ids, mask, _ = self.tokenize(texts)
+        return ids, mask
+
+    def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Like calling the tokenizer, plus how many of ``texts`` were truncated."""
         if isinstance(texts, str):
             texts = [texts]
         ids = torch.full((len(texts), self.context_length), PAD_ID, dtype=torch.long)
+        limit = self.context_length - (1 if self.add_eos else 0)
+        truncated = 0
         for row, text in enumerate(texts):
-            encoded = self.encode(text)
+            pieces = self.sp.encode(text.lower() if self.lowercase else text)
+            truncated += len(pieces) > limit
+            encoded = pieces[:limit] + ([EOS_ID] if self.add_eos else [])
             ids[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
-        return ids, ids != PAD_ID
+        return ids, ids != PAD_ID, truncated
 
     def __getstate__(self):  # picklable for data-loader workers
         return {k: v for k, v in self.__dict__.items() if k != "sp"}

@@ -39,6 +39,7 @@ __all__ = [
     "TrainingInterrupted",
     "ResumeMismatchError",
     "RunFolderBusyError",
+    "TooManyBadSamplesError",
     "build_tokenizer",
     "build_loss",
     "read_metrics",
@@ -203,6 +204,21 @@ def _diff(a: Any, b: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
     return {} if a == b else {prefix: (a, b)}
 
 
+class TooManyBadSamplesError(RuntimeError):
+    """More than ``train.max_skip_fraction`` of the samples read were unreadable."""
+
+
+def _check_skips(counts: dict[str, int], max_fraction: float, step: int) -> None:
+    total = counts["read"] + counts["skipped"]
+    # judged once a few hundred samples were read, so one bad sample early on cannot stop a run
+    if total >= 200 and counts["skipped"] > max_fraction * total:
+        raise TooManyBadSamplesError(
+            f"{counts['skipped']} of {total} samples read by step {step} were unreadable "
+            f"({counts['skipped'] / total:.1%} > train.max_skip_fraction={max_fraction}); "
+            "check the data with `sparc data verify`, or raise train.max_skip_fraction"
+        )
+
+
 def _ckpt_step(root: str) -> int:
     path = latest_checkpoint(root)
     return int(os.path.basename(path).split("_")[1]) if path else 0
@@ -340,12 +356,14 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
     model = engine.prepare(model, optimizer)
 
     start_step, samples_seen, trained_s = 0, 0, 0.0
+    counts = {"read": 0, "skipped": 0, "truncated": 0}  # samples used, unreadable ones skipped, captions cut
     if ckpt_path:
         info = load_checkpoint(ckpt_path, model, {"loss": loss_fn})
         optimizer.load_state_dict(info.state["trainer"]["optimizer"])
         _set_rng_state(info.state["trainer"]["rng"])
         start_step, samples_seen = info.step, int(info.state["samples_seen"])
         trained_s = float(info.state.get("trained_s", 0.0))
+        counts.update(info.state.get("counts", {}))
         _truncate_metrics(out_dir, start_step)
     elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         _truncate_metrics(out_dir, 0)
@@ -365,7 +383,11 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                 step,
                 model,
                 {"optimizer": optimizer.state_dict(), "rng": _rng_state()},
-                {"samples_seen": samples_seen, "trained_s": trained_s + time.perf_counter() - t_loop},
+                {
+                    "samples_seen": samples_seen,
+                    "trained_s": trained_s + time.perf_counter() - t_loop,
+                    "counts": dict(counts),
+                },
                 keep=cfg_train.keep_checkpoints,
                 extra_modules={"loss": loss_fn},
             )
@@ -385,7 +407,16 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
             lr = cfg_optim.lr * lr_factor(step, total, cfg_optim.warmup_steps, cfg_optim.schedule, cfg_optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = next(batches)
+            while True:  # a batch whose every sample was unreadable is counted, then the next one is taken
+                counts["skipped"] += int(batch.pop("skipped"))
+                counts["truncated"] += int(batch.pop("truncated"))
+                counts["read"] += batch["images"].shape[0]
+                _check_skips(counts, cfg_train.max_skip_fraction, step + 1)
+                if batch["images"].shape[0]:
+                    break
+                batch = next(batches)
+            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             with engine.autocast():
                 out = model(**batch)
                 terms = loss_fn(**out)
@@ -413,6 +444,8 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                     lr=lr,
                     samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
                     samples_seen=samples_seen,
+                    skipped_samples=counts["skipped"],
+                    truncated_captions=counts["truncated"],
                     elapsed_s=round(trained_s + now - t_loop, 3),
                 )
                 if metrics_file is not None:
