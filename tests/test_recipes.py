@@ -26,6 +26,8 @@ from sparc_kit.config import (
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
 SPARC_TINY = RECIPES / "sparc_tiny.yaml"
+REPO_RECIPES = RECIPES
+BUILTIN_LIST = "Built-in recipes: " + ", ".join(sorted(p.stem for p in RECIPES.glob("*.yaml")))
 
 
 def problems_of(spec, overrides=()) -> list[str]:
@@ -40,7 +42,7 @@ def problems_of(spec, overrides=()) -> list[str]:
 
 def test_builtin_recipes_are_the_repo_files():
     found = builtin_recipes()
-    assert list(found) == ["clip_tiny", "sparc_tiny"]
+    assert list(found) == sorted(p.stem for p in REPO_RECIPES.glob("*.yaml"))
     assert Path(found["sparc_tiny"]).read_text() == SPARC_TINY.read_text()
     assert Path(found["clip_tiny"]).read_text() == (RECIPES / "clip_tiny.yaml").read_text()
 
@@ -235,7 +237,7 @@ def test_override_recipe_name_keeps_the_recipe():
 def test_problems_unknown_key_with_did_you_mean_and_accepted_keys():
     assert problems_of("sparc_tiny", ["train.stpes=5"]) == [
         "train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, batch_size, seed, "
-        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints."
+        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
     ]
 
 
@@ -261,7 +263,7 @@ def test_problems_unknown_component_names():
         "loss.name: unknown loss 'spark'. Did you mean 'sparc'? Known: clip, filip, gloria, mgca, pacl, siglip, sparc"
     ]
     assert problems_of("sparc_tiny", ["data.name=synthetik"]) == [
-        "data.name: unknown dataset 'synthetik'. Did you mean 'synthetic'? Known: synthetic"
+        "data.name: unknown dataset 'synthetik'. Did you mean 'synthetic'? Known: manifest, synthetic, webdataset"
     ]
     # kinds with a single registered component are a Literal, not a tagged union: same message
     assert problems_of("sparc_tiny", ["engine.name=ddp"]) == ["engine.name: unknown engine 'ddp'. Known: local"]
@@ -335,10 +337,10 @@ def test_top_level_must_be_a_mapping(tmp_path):
 
 def test_missing_file_mentions_builtin_recipes(tmp_path):
     missing = tmp_path / "nope.yaml"
-    assert problems_of(str(missing)) == [f"recipe: file not found: {missing}. Built-in recipes: clip_tiny, sparc_tiny"]
+    assert problems_of(str(missing)) == [f"recipe: file not found: {missing}. " + BUILTIN_LIST]
     assert problems_of("sparc_tiny.yml") == [
         "recipe: file not found: sparc_tiny.yml. Did you mean the built-in 'sparc_tiny'? "
-        "Built-in recipes: clip_tiny, sparc_tiny"
+        + BUILTIN_LIST
     ]
     # a path whose basename is a built-in, but in another folder: points at the built-in name
     other = tmp_path / "sparc_tiny.yaml"
@@ -346,7 +348,7 @@ def test_missing_file_mentions_builtin_recipes(tmp_path):
         resolve_recipe_path(str(other))
     assert info.value.problems == [
         f"recipe: file not found: {other}. A built-in recipe of that name exists: use 'sparc_tiny'. "
-        "Built-in recipes: clip_tiny, sparc_tiny"
+        + BUILTIN_LIST
     ]
 
 
@@ -454,7 +456,7 @@ def test_extends_must_be_a_string(tmp_path):
 def test_extends_missing_parent(tmp_path):
     a = tmp_path / "a.yaml"
     a.write_text("extends: nothere.yaml\n")
-    assert problems_of(str(a)) == ["recipe: file not found: nothere.yaml. Built-in recipes: clip_tiny, sparc_tiny"]
+    assert problems_of(str(a)) == ["recipe: file not found: nothere.yaml. " + BUILTIN_LIST]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -525,4 +527,4 @@ def test_memory_url_extends_relative_parent(memory_dir):
 def test_memory_url_missing_file(memory_dir):
     _, root = memory_dir
     url = f"memory://{root.lstrip('/')}/nothing.yaml"
-    assert problems_of(url) == [f"recipe: file not found: {url}. Built-in recipes: clip_tiny, sparc_tiny"]
+    assert problems_of(url) == [f"recipe: file not found: {url}. " + BUILTIN_LIST]
