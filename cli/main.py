@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import typer
 
+from sparc_cli.eval_command import eval_command
+
 app = typer.Typer(
     name="sparc",
     help="Fine-grained image-text pretraining with SPARC: train, inspect components and recipes.",
@@ -24,6 +26,7 @@ app = typer.Typer(
 )
 recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
+app.command("eval")(eval_command)
 
 
 def _fail(lines: list[str] | str, code: int = 2, source: str | None = None) -> None:

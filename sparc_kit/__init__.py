@@ -9,6 +9,7 @@ from sparc_kit import registry
 from sparc_kit import data, engines, losses, models  # noqa: F401  (import registers the built-in components)
 from sparc_kit.config import RecipeError, builtin_recipes, dump_recipe, load_recipe, recipe_schema
 from sparc_kit.models import build_model
+from sparc_kit.pretrained import load_pretrained
 
 __version__ = "0.1.0"
 
@@ -24,5 +25,6 @@ __all__ = [
     "builtin_recipes",
     "RecipeError",
     "build_model",
+    "load_pretrained",
     "__version__",
 ]

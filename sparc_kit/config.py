@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sparc_kit import registry as reg
+from sparc_kit.evaluate.spec import EvalConfig
 
 __all__ = [
     "RecipeError",
@@ -157,6 +158,7 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
         optim=(OptimConfig, Field(default_factory=OptimConfig)),
         train=(TrainConfig, Field(default_factory=TrainConfig)),
         engine=(_component_type(reg.engines), Field(default_factory=lambda: {"name": "local"})),
+        eval=(list[EvalConfig], Field(default_factory=list)),
     )
 
 

@@ -178,7 +178,7 @@ def ref_attention_pool(pooler: AttentionPooler, x: torch.Tensor, mask: torch.Ten
     out = torch.zeros(b, w, dtype=torch.float64)
     for bi in range(b):
         real = torch.arange(n) if mask is None or not mask[bi].any() else mask[bi].nonzero().flatten()
-        k = x[bi, real] @ p["k_proj.weight"].T + p["k_proj.bias"]  # [Nr, W]
+        k = x[bi, real] @ p["k_proj.weight"].T  # [Nr, W] (the pooler has no key bias: softmax would cancel it)
         v = x[bi, real] @ p["v_proj.weight"].T + p["v_proj.bias"]  # [Nr, W]
         heads = []
         for hi in range(h):

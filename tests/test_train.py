@@ -275,3 +275,45 @@ def test_too_many_unreadable_samples_stop_the_run(tmp_path, monkeypatch):
     _flaky_dataset(monkeypatch, every=4)  # 25% unreadable
     with pytest.raises(TooManyBadSamplesError, match="max_skip_fraction=0.1"):
         train(micro_recipe("train.steps=60"), str(tmp_path), progress=False)
+
+
+def _synthetic_retrieval_manifest(folder) -> str:
+    """A small retrieval set written as PNG files + a JSONL manifest, from the synthetic shapes."""
+    from PIL import Image
+
+    from sparc_kit.data import SyntheticShapes
+
+    folder.mkdir()
+    data = SyntheticShapes(num_samples=12, image_size=32, seed=123)
+    lines = []
+    for i in range(len(data)):
+        item = data[i]
+        Image.fromarray(item["image"].permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+        lines.append(json.dumps({"image": f"{i}.png", "captions": [item["caption"]]}))
+    (folder / "val.jsonl").write_text("\n".join(lines) + "\n")
+    return str(folder / "val.jsonl")
+
+
+def test_evaluation_during_training_is_logged_and_matches_sparc_eval(tmp_path):
+    """`eval:` in a recipe runs every N steps into metrics.jsonl; the final numbers equal a later evaluation of
+    the saved checkpoint, so what training reports is what `sparc eval` reproduces."""
+    from sparc_kit import load_pretrained
+    from sparc_kit.evaluate import run_evaluations
+
+    manifest = _synthetic_retrieval_manifest(tmp_path / "val")
+    recipe = sparc_kit.load_recipe(
+        {
+            **micro_recipe("train.steps=6", "train.log_every=4").model_dump(mode="json"),
+            "eval": [{"task": "retrieval", "data": manifest, "every": 3}],
+        }
+    )
+    out = str(tmp_path / "run")
+    result = train(recipe, out, progress=False)
+    rows = {r["step"]: r for r in result.metrics}
+    assert sorted(rows) == [3, 4, 6]  # eval steps 3 and 6 force a row; step 4 is the ordinary log step
+    assert "eval/retrieval/i2t_R@1" in rows[3] and "eval/retrieval/i2t_R@1" not in rows[4]
+    assert all("loss" in r for r in rows.values())
+    later = run_evaluations(load_pretrained(out), recipe.eval, write=False)[0]
+    for key, value in later.metrics.items():
+        if isinstance(value, float):
+            assert rows[6][f"eval/retrieval/{key}"] == pytest.approx(value, abs=1e-6), key

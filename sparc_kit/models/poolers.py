@@ -154,7 +154,9 @@ class AttentionPooler(nn.Module):
         self.heads = heads
         self.query = nn.Parameter(torch.zeros(1, 1, width))  # [1, 1, W]
         self.q_proj = nn.Linear(width, width)
-        self.k_proj = nn.Linear(width, width)
+        # no key bias: with one query it adds the same constant to every score, which the softmax cancels, so it
+        # could never learn anything (its gradient is zero up to rounding)
+        self.k_proj = nn.Linear(width, width, bias=False)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
         self.apply(init_weights)

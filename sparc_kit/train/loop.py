@@ -27,6 +27,7 @@ import yaml
 
 from sparc_kit.config import dump_recipe, load_recipe
 from sparc_kit.data import Collate, ResumableBatchSampler, Tokenizer, build_dataset, make_loader
+from sparc_kit.evaluate import evaluate_during_training
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
 from sparc_kit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -437,9 +438,14 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                 window[k] = window.get(k, 0.0) + v
             window_n += 1
             row = None
-            if step % cfg_train.log_every == 0 or step == total:
+            evals = {}
+            if recipe.eval and engine.is_main:
+                t_eval = time.perf_counter()
+                evals = evaluate_during_training(model, tokenizer, recipe.eval, step, final=step == total)
+                window_t0 += time.perf_counter() - t_eval  # evaluation time does not count against samples/s
+            if step % cfg_train.log_every == 0 or step == total or evals:
                 now = time.perf_counter()
-                row = {"step": step, **{k: v / window_n for k, v in window.items()}}
+                row = {"step": step, **{k: v / window_n for k, v in window.items()}, **evals}
                 row.update(
                     lr=lr,
                     samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),

@@ -1,0 +1,91 @@
+"""``sparc eval RUN_OR_CHECKPOINT``: zero-shot classification and retrieval metrics as a table and as JSON.
+
+Registered in ``cli/main.py`` as ``app.command("eval")(eval_command)``. Thin: the library's
+:func:`~sparc_kit.evaluate.build_eval_specs`, :func:`~sparc_kit.pretrained.load_pretrained` and
+:func:`~sparc_kit.evaluate.run_evaluations` do the work. Bad input exits 2 with one line and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
+    raise typer.Exit(code)
+
+
+def eval_command(
+    target: str = typer.Argument(..., help="Run folder, checkpoint folder (RUN/checkpoints/step_N) or .safetensors."),
+    task: str = typer.Option("all", "--task", "-t", help="zeroshot, retrieval, segmentation (not yet) or all."),
+    data: Optional[List[str]] = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Evaluation set: a manifest (JSONL/CSV) or webdataset shards (test-{000..001}.tar); TASK=PATH to say "
+        "which task (repeatable). Default: the recipe's eval: section.",
+    ),
+    classnames: Optional[str] = typer.Option(
+        None,
+        "--classnames",
+        help="zeroshot: file of class names, one a line (default: classnames.txt beside the data).",
+    ),
+    templates: Optional[str] = typer.Option(
+        None, "--templates", help="zeroshot prompts: label (class name only), clip (ensemble; default) or a file."
+    ),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per batch (default 64)."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate the first N images only."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, ... or auto."),
+    out: Optional[str] = typer.Option(
+        None, "--out", "-o", help="Also write all results to this JSON file (RUN/eval/TASK.json is always written)."
+    ),
+) -> None:
+    """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10."""
+    from sparc_kit.evaluate import build_eval_specs, check_task, result_rows, run_evaluations
+    from sparc_kit.pretrained import load_pretrained
+
+    specs = None  # without --data the run's recipe (its eval: section) decides, once it is loaded
+    try:
+        check_task(task)  # the task and data are checked before the model is loaded, so a typo fails fast
+        if data:
+            specs = build_eval_specs(task, data, classnames, templates, batch_size, max_samples)
+    except ValueError as exc:
+        _fail(str(exc))
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        pretrained = load_pretrained(target, device=device)
+        if specs is None:
+            recipe_specs = getattr(pretrained.recipe, "eval", None) or []
+            specs = build_eval_specs(task, [], classnames, templates, batch_size, max_samples, recipe_specs)
+        results = run_evaluations(pretrained, specs)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+
+    from rich.console import Console
+    from rich.table import Table
+
+    step = f"step {pretrained.step}" if pretrained.step is not None else "checkpoint"
+    table = Table(title=f"{target} ({step})", title_justify="left")
+    for column, justify in (("eval", "left"), ("data", "left"), ("metric", "left"), ("%", "right"), ("n", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in result_rows(results):
+        table.add_row(*row)
+    console = Console(soft_wrap=False)
+    console.print(table)
+    for r in results:
+        typer.echo(f"wrote {r.path}")
+    if out:
+        payload = {"results": [r.to_json(pretrained.step, pretrained.checkpoint) for r in results]}
+        try:
+            with open(out, "w") as f:
+                json.dump(payload, f, indent=1)
+                f.write("\n")
+        except OSError as exc:
+            _fail(f"{out}: cannot write ({exc.strerror or exc})")
+        typer.echo(f"wrote {out}")

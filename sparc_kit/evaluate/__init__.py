@@ -1,0 +1,61 @@
+"""Evaluations that show learning: zero-shot classification and image-text retrieval (paper section 4).
+
+    from sparc_kit.pretrained import load_pretrained
+    from sparc_kit.evaluate import EvalConfig, run_evaluations
+
+    pretrained = load_pretrained("runs/sparc_tiny")
+    results = run_evaluations(pretrained, [EvalConfig(task="zeroshot", data="cifar10/test-000.tar")])
+
+Building blocks: :func:`zeroshot_classifier` / :func:`zeroshot_evaluate`, :func:`retrieval_metrics` /
+:func:`retrieval_evaluate`, the readers in :mod:`sparc_kit.evaluate.data`, and :func:`evaluate_during_training`
+for the training loop. :class:`EvalConfig` is one entry of a recipe's ``eval:`` list.
+"""
+
+from sparc_kit.evaluate.data import EvalDataError, iter_labelled_images, load_classnames, load_retrieval_set
+from sparc_kit.evaluate.retrieval import retrieval_evaluate, retrieval_metrics, retrieval_ranks
+from sparc_kit.evaluate.runner import (
+    EvalResult,
+    EvalTaskError,
+    build_eval_specs,
+    check_task,
+    evaluate_during_training,
+    result_rows,
+    run_evaluations,
+    run_task,
+)
+from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig
+from sparc_kit.evaluate.zeroshot import (
+    CLIP_TEMPLATES,
+    LABEL_ONLY,
+    TEMPLATE_SETS,
+    resolve_templates,
+    zeroshot_classifier,
+    zeroshot_evaluate,
+)
+
+__all__ = [
+    "EvalConfig",
+    "AVAILABLE_TASKS",
+    "PLANNED_TASKS",
+    "EvalResult",
+    "EvalTaskError",
+    "EvalDataError",
+    "run_evaluations",
+    "run_task",
+    "evaluate_during_training",
+    "build_eval_specs",
+    "check_task",
+    "result_rows",
+    "zeroshot_classifier",
+    "zeroshot_evaluate",
+    "resolve_templates",
+    "LABEL_ONLY",
+    "CLIP_TEMPLATES",
+    "TEMPLATE_SETS",
+    "retrieval_metrics",
+    "retrieval_ranks",
+    "retrieval_evaluate",
+    "iter_labelled_images",
+    "load_classnames",
+    "load_retrieval_set",
+]

@@ -1,0 +1,270 @@
+"""Running evaluations: after training (``sparc eval``, :func:`run_evaluations`, which writes ``RUN/eval/*.json``)
+and during it (:func:`evaluate_during_training`, which returns metrics for the loop to log)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from sparc_kit.evaluate.data import (
+    detect_task,
+    iter_labelled_images,
+    load_classnames,
+    load_retrieval_set,
+)
+from sparc_kit.evaluate.retrieval import retrieval_evaluate
+from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
+from sparc_kit.evaluate.zeroshot import resolve_templates, zeroshot_evaluate
+
+__all__ = [
+    "EvalResult",
+    "EvalTaskError",
+    "run_task",
+    "run_evaluations",
+    "evaluate_during_training",
+    "build_eval_specs",
+    "check_task",
+    "result_rows",
+    "COUNT_KEYS",
+]
+
+COUNT_KEYS = ("n", "classes", "images", "texts")  # integer entries of a metrics dict; the rest are fractions
+
+
+class EvalTaskError(ValueError):
+    """An evaluation asked for that cannot run (unknown or not yet available task, no data given)."""
+
+
+@dataclass
+class EvalResult:
+    name: str
+    task: str
+    data: str | list[str]
+    metrics: dict[str, float | int]
+    n: int
+    seconds: float
+    settings: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None  # the JSON file written, if any
+
+    def to_json(self, step: int | None = None, checkpoint: str | None = None) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "task": self.task,
+            "data": self.data,
+            "step": step,
+            "checkpoint": checkpoint,
+            "n": self.n,
+            "metrics": self.metrics,
+            "settings": self.settings,
+            "seconds": round(self.seconds, 3),
+            "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+
+def run_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict[str, Any], dict]:
+    """Run one evaluation; ``(metrics, settings)``. The model should be in eval mode."""
+    if spec.task == "zeroshot":
+        classnames = load_classnames(spec.classnames, spec.data)
+        templates = resolve_templates(spec.templates)
+        samples = iter_labelled_images(spec.data, classnames, spec.max_samples)
+        metrics = zeroshot_evaluate(
+            model, tokenizer, samples, classnames, templates, batch_size=spec.batch_size, transform=transform
+        )
+        settings = {"classnames": len(classnames), "templates": list(templates)}
+    elif spec.task == "retrieval":
+        dataset = load_retrieval_set(spec.data, spec.max_samples)
+        metrics = retrieval_evaluate(model, tokenizer, dataset, batch_size=spec.batch_size, transform=transform)
+        settings = {}
+    else:  # pragma: no cover  (EvalConfig only admits available tasks)
+        raise EvalTaskError(f"task {spec.task!r} is not available")
+    settings.update(max_samples=spec.max_samples, batch_size=spec.batch_size)
+    return metrics, settings
+
+
+def _count(metrics: dict[str, Any]) -> int:
+    return int(metrics["n"] if "n" in metrics else metrics.get("images", 0))
+
+
+def _atomic_write_json(path: str, payload: Any) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-eval-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_evaluations(
+    pretrained: Any,
+    specs: Sequence[EvalConfig | dict],
+    out_dir: str | None = None,
+    write: bool = True,
+) -> list[EvalResult]:
+    """Run ``specs`` on a :class:`~sparc_kit.pretrained.Pretrained` model; write ``OUT/NAME.json`` for each
+    (``out_dir`` defaults to ``RUN/eval``), atomically, holding the metrics, the checkpoint's step, the data
+    path, ``n`` (images evaluated), the settings and a UTC timestamp. Returns the results in order."""
+    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in specs]
+    out_dir = out_dir or os.path.join(pretrained.run_dir, "eval")
+    model = pretrained.model
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for spec, name in zip(specs, spec_names(specs)):
+            t0 = time.perf_counter()
+            metrics, settings = run_task(model, pretrained.tokenizer, spec, pretrained.transform)
+            result = EvalResult(
+                name, spec.task, spec.data, metrics, _count(metrics), time.perf_counter() - t0, settings
+            )
+            if write:
+                result.path = os.path.join(out_dir, f"{name}.json")
+                _atomic_write_json(result.path, result.to_json(pretrained.step, pretrained.checkpoint))
+            results.append(result)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def evaluate_during_training(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    eval_specs: Sequence[EvalConfig | dict],
+    step: int,
+    final: bool = False,
+    transform: Any = None,
+) -> dict[str, float | int]:
+    """Metrics of the evaluations due at ``step`` (``step % every == 0``, or all of them when ``final``), as
+    flat keys ``eval/NAME/METRIC`` for the loop to merge into its ``metrics.jsonl`` row; ``{}`` when none is due.
+
+    Call it on the main process only, between optimizer steps; the model is switched to eval mode, run without
+    gradients, and put back in the mode it was in. An engine wrapper (``.module``) is unwrapped.
+    """
+    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in eval_specs]
+    due = [(s, n) for s, n in zip(specs, spec_names(specs)) if final or (s.every is not None and step % s.every == 0)]
+    if not due:
+        return {}
+    inner = getattr(model, "module", model)
+    was_training = inner.training
+    inner.eval()
+    out: dict[str, float | int] = {}
+    try:
+        with torch.no_grad():
+            for spec, name in due:
+                metrics, _ = run_task(inner, tokenizer, spec, transform)
+                out.update({f"eval/{name}/{key}": value for key, value in metrics.items()})
+    finally:
+        inner.train(was_training)
+    return out
+
+
+def _make_spec(**fields: Any) -> EvalConfig:
+    from pydantic import ValidationError
+
+    try:
+        return EvalConfig(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "eval"
+        raise EvalTaskError(f"{where}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _split_task_prefix(item: str) -> tuple[str | None, str]:
+    head, sep, tail = item.partition("=")
+    if sep and head in AVAILABLE_TASKS + PLANNED_TASKS:
+        return head, tail
+    return None, item
+
+
+def check_task(task: str) -> None:
+    """Raise :class:`EvalTaskError` for a task that is unknown or not implemented yet."""
+    known = AVAILABLE_TASKS + PLANNED_TASKS + ("all",)
+    if task in PLANNED_TASKS:
+        raise EvalTaskError(
+            f"task {task!r} is not available yet; available: {', '.join(AVAILABLE_TASKS)} (or all)"
+        )
+    if task not in known:
+        import difflib
+
+        hint = difflib.get_close_matches(task, known, n=1)
+        dym = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise EvalTaskError(f"unknown task {task!r}.{dym} Known: {', '.join(known)}")
+
+
+def build_eval_specs(
+    task: str = "all",
+    data: Sequence[str] = (),
+    classnames: str | None = None,
+    templates: str | None = None,
+    batch_size: int | None = None,
+    max_samples: int | None = None,
+    recipe_specs: Sequence[EvalConfig | dict] = (),
+) -> list[EvalConfig]:
+    """The evaluations ``sparc eval`` runs.
+
+    ``task``: ``zeroshot``, ``retrieval`` or ``all``. Each ``data`` item is a path (its task read from the data
+    when ``task`` is ``all``: shards and manifests with ``label`` are zeroshot, manifests with ``captions`` are
+    retrieval) or ``TASK=PATH``. Without ``data`` the run's recipe ``eval:`` entries of that task are used.
+    Options given here override those entries' settings. ``all`` runs every task that has data.
+    """
+    check_task(task)
+    given = dict(classnames=classnames, templates=templates, batch_size=batch_size, max_samples=max_samples)
+    overrides = {k: v for k, v in given.items() if v is not None}
+
+    def settings_for(kind: str) -> dict[str, Any]:  # class names and templates only concern zeroshot
+        return {k: v for k, v in overrides.items() if kind == "zeroshot" or k not in ("classnames", "templates")}
+
+    specs: list[EvalConfig] = []
+    if data:
+        for item in data:
+            prefix, path = _split_task_prefix(item)
+            if prefix is not None:
+                check_task(prefix)
+            if prefix is not None and task != "all" and prefix != task:
+                raise EvalTaskError(f"--data {item}: a {prefix} set, but --task is {task}")
+            kind = prefix or (task if task != "all" else detect_task(path))
+            specs.append(_make_spec(task=kind, data=path, **settings_for(kind)))
+    else:
+        for raw in recipe_specs:
+            spec = raw if isinstance(raw, EvalConfig) else EvalConfig.model_validate(raw)
+            if task in ("all", spec.task):
+                specs.append(spec.model_copy(update=settings_for(spec.task)))
+    if not specs:
+        which = "" if task == "all" else f"{task} "
+        raise EvalTaskError(
+            f"no {which}evaluation data: pass --data PATH (a manifest or webdataset shards), or add an eval: "
+            "section to the recipe"
+        )
+    return specs
+
+
+def _percent(value: float) -> str:
+    return f"{100.0 * value:.2f}"
+
+
+def result_rows(results: Sequence[EvalResult]) -> list[tuple[str, str, str, str, str]]:
+    """Rows ``(name, data, metric, value, n)`` for a table: one per metric, recalls and accuracies in %."""
+    rows = []
+    for r in results:
+        data = r.data if isinstance(r.data, str) else " ".join(r.data)
+        first = True
+        for key, value in r.metrics.items():
+            if key in COUNT_KEYS:
+                continue
+            head = (r.name, data) if first else ("", "")
+            rows.append((*head, key, _percent(value), str(r.n) if first else ""))
+            first = False
+    return rows

@@ -1,0 +1,241 @@
+"""Load a trained model for use: ``model, tokenizer, transform = sparc_kit.load_pretrained("runs/sparc_tiny")``.
+
+What ``run_or_checkpoint`` may be (local paths):
+
+- a run folder (holds ``recipe.yaml``): its newest complete checkpoint under ``checkpoints/`` is loaded;
+- a run's ``checkpoints/`` folder: the same, with the run folder one level up;
+- a checkpoint folder ``RUN/checkpoints/step_N`` (holds ``model.safetensors``): that step; ``recipe.yaml`` and
+  ``tokenizer.model`` are taken from the checkpoint folder itself when present (a self-contained export), else
+  from the run folder two levels up;
+- a ``.safetensors`` file: those weights; ``recipe.yaml`` and ``tokenizer.model`` are looked up beside the file,
+  then two levels up (so ``RUN/checkpoints/step_N/model.safetensors`` works, and so does a folder that an export
+  filled with ``model.safetensors`` + ``recipe.yaml`` + ``tokenizer.model``).
+
+Anything else raises :class:`PretrainedError` (a ``ValueError``) with a one-line message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparc_kit.data.loader import IMAGE_MEAN, IMAGE_STD
+
+__all__ = ["load_pretrained", "Pretrained", "PretrainedError", "EvalTransform", "transform_for", "model_image_size"]
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class PretrainedError(ValueError):
+    """A path that does not hold a loadable model (no checkpoint, no recipe, no tokenizer)."""
+
+
+class EvalTransform:
+    """A PIL image or an image tensor to the model's input: resize the shorter side to ``image_size`` (bicubic),
+    center crop to ``image_size`` x ``image_size``, scale to [0, 1], normalise with CLIP's mean/std.
+
+    Accepts a PIL image (any mode; converted to RGB), a uint8 tensor [3, H, W] (0..255) or a float tensor
+    [3, H, W] in [0, 1], or a batch [B, 3, H, W] of either; returns float32 [3, S, S] (or [B, 3, S, S]).
+
+    It matches the training pipeline: a PIL image is resized and cropped as the datasets' default
+    ``center_crop`` does (PIL bicubic, same rounding; :mod:`sparc_kit.data.transforms`), then normalised as
+    :class:`~sparc_kit.data.loader.Collate` does. An image already S x S is not resampled, so the result equals
+    ``Collate.images`` exactly. Tensors are resized with torch's antialiased bicubic.
+    """
+
+    def __init__(self, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
+            image = self._pil_to_tensor(self._pil_resize_crop(image.convert("RGB")))
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"expected a PIL image or a tensor, got {type(image).__name__}")
+        if image.ndim not in (3, 4) or image.shape[-3] != 3:
+            raise ValueError(f"expected an image tensor [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}")
+        batched = image.ndim == 4
+        x = image if batched else image.unsqueeze(0)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        x = self._tensor_resize_crop(x)
+        x = (x - self.mean) / self.std
+        return x if batched else x[0]
+
+    def _pil_resize_crop(self, image):
+        from PIL import Image
+
+        size = self.image_size
+        w, h = image.size
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        if (new_w, new_h) != (w, h):
+            image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return image.crop((left, top, left + size, top + size))
+
+    @staticmethod
+    def _pil_to_tensor(image) -> torch.Tensor:
+        array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+    def _tensor_resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.image_size
+        h, w = x.shape[-2:]
+        if (h, w) == (size, size):
+            return x
+        if min(h, w) != size:
+            scale = size / min(h, w)
+            new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0.0, 1.0)  # bicubic overshoots
+            h, w = new_h, new_w
+        top, left = (h - size) // 2, (w - size) // 2
+        return x[..., top : top + size, left : left + size]
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
+
+
+def model_image_size(model: torch.nn.Module, recipe: Any = None) -> int:
+    """The square input size of a dual encoder's vision tower (its ``image_size``, else the recipe's)."""
+    model = getattr(model, "module", model)  # DDP / engine wrappers
+    size = getattr(getattr(model, "vision", None), "image_size", None)
+    if size is None and recipe is not None:
+        size = getattr(recipe.model.vision, "image_size", None)
+    if size is None:
+        raise ValueError("cannot tell the model's image size: its vision tower has no image_size")
+    return int(size)
+
+
+def transform_for(model: torch.nn.Module, recipe: Any = None) -> EvalTransform:
+    """The evaluation transform for ``model``."""
+    return EvalTransform(model_image_size(model, recipe))
+
+
+@dataclass
+class Pretrained:
+    """A loaded model with what it needs; unpacks as ``model, tokenizer, transform``."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    transform: EvalTransform
+    recipe: Any
+    step: int | None
+    checkpoint: str  # the weights file that was loaded
+    run_dir: str  # where recipe.yaml was found; evaluations write RUN/eval/*.json here
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter((self.model, self.tokenizer, self.transform))
+
+
+def _resolve(target: str) -> tuple[str, str]:
+    """(weights file, folder holding recipe.yaml) for a run folder, checkpoint folder or .safetensors file."""
+    from sparc_kit.train.checkpoint import latest_checkpoint
+
+    path = os.path.abspath(os.path.expanduser(str(target)))
+    if not os.path.exists(path):
+        raise PretrainedError(f"{target}: no such run folder, checkpoint folder or .safetensors file")
+    if os.path.isfile(path):
+        if not path.endswith(".safetensors"):
+            raise PretrainedError(f"{target}: expected a run folder, a checkpoint folder or a .safetensors file")
+        return path, _recipe_home(os.path.dirname(path), target)
+    if os.path.basename(path) == "checkpoints" and os.path.exists(os.path.join(os.path.dirname(path), "recipe.yaml")):
+        path = os.path.dirname(path)
+    if os.path.exists(os.path.join(path, "model.safetensors")):  # a checkpoint folder
+        return os.path.join(path, "model.safetensors"), _recipe_home(path, target)
+    if os.path.exists(os.path.join(path, "recipe.yaml")):  # a run folder
+        ckpt = latest_checkpoint(os.path.join(path, "checkpoints"))
+        if ckpt is None:
+            raise PretrainedError(
+                f"{target}: run folder has no complete checkpoint under checkpoints/ (train it first)"
+            )
+        return os.path.join(ckpt, "model.safetensors"), path
+    raise PretrainedError(
+        f"{target}: not a run folder (no recipe.yaml) nor a checkpoint folder (no model.safetensors)"
+    )
+
+
+def _recipe_home(folder: str, target: str) -> str:
+    for candidate in (folder, os.path.dirname(os.path.dirname(folder))):
+        if os.path.exists(os.path.join(candidate, "recipe.yaml")):
+            return candidate
+    raise PretrainedError(f"{target}: no recipe.yaml beside the weights nor in the run folder two levels up")
+
+
+def _step_of(weights: str) -> int | None:
+    folder = os.path.dirname(weights)
+    state = os.path.join(folder, "state.json")
+    if os.path.exists(state):
+        try:
+            with open(state) as f:
+                return int(json.load(f)["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    match = _STEP_DIR.match(os.path.basename(folder))
+    if match:
+        return int(match.group(1))
+    try:
+        from safetensors import safe_open
+
+        with safe_open(weights, "pt") as f:
+            step = (f.metadata() or {}).get("step")
+        return int(step) if step is not None else None
+    except Exception:
+        return None
+
+
+def load_pretrained(run_or_checkpoint: str | os.PathLike, device: str | torch.device = "cpu") -> Pretrained:
+    """Build the recipe's model, load the checkpoint's weights (strictly), and put the model in eval mode.
+
+    Returns a :class:`Pretrained` (``model, tokenizer, transform = load_pretrained(path)`` also works). The
+    tokenizer is the run's ``tokenizer.model`` (else the recipe's ``tokenizer.path``) with the recipe's context
+    length and casing; ``transform`` maps a PIL image or uint8 tensor to the model's normalised input.
+    """
+    from sparc_kit.config import RecipeError, load_recipe
+    from sparc_kit.data.tokenizer import Tokenizer
+    from sparc_kit.models import build_model
+    from sparc_kit.train.checkpoint import load_model_weights
+
+    weights, home = _resolve(str(run_or_checkpoint))
+    recipe_path = os.path.join(home, "recipe.yaml")
+    try:
+        recipe = load_recipe(recipe_path)
+    except RecipeError as exc:
+        raise PretrainedError(f"{recipe_path}: not a valid recipe: {exc.problems[0]}") from None
+    t = recipe.tokenizer
+    tokenizer_path = next(
+        (p for p in (os.path.join(os.path.dirname(weights), "tokenizer.model"), os.path.join(home, "tokenizer.model"))
+         if os.path.exists(p)),
+        t.path,
+    )
+    if not tokenizer_path:
+        raise PretrainedError(f"{home}: no tokenizer.model and the recipe names no tokenizer.path")
+    try:
+        tokenizer = Tokenizer.load(
+            tokenizer_path, context_length=t.context_length, lowercase=t.lowercase, add_eos=t.add_eos
+        )
+    except (OSError, RuntimeError) as exc:
+        raise PretrainedError(f"{tokenizer_path}: cannot load the tokenizer ({str(exc).splitlines()[0]})") from None
+    model = build_model(recipe)
+    try:
+        load_model_weights(model, weights)
+    except ValueError as exc:  # weights of another model section
+        raise PretrainedError(str(exc).splitlines()[0]) from None
+    model.to(device).eval()
+    return Pretrained(
+        model=model,
+        tokenizer=tokenizer,
+        transform=transform_for(model, recipe),
+        recipe=recipe,
+        step=_step_of(weights),
+        checkpoint=weights,
+        run_dir=home,
+    )
