@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from sparc_cli.ablate_command import ablate_command
 from sparc_cli.eval_command import eval_command
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.command("eval")(eval_command)
+app.command("ablate")(ablate_command)
 
 
 def _fail(lines: list[str] | str, code: int = 2, source: str | None = None) -> None:

@@ -120,7 +120,8 @@ class MgcaLoss(GlobalPlusFineLoss):
     of its ITA term and adds the word and patch terms; here each is averaged instead, which halves both sides
     and keeps their ratio.
 
-    Memory: per sample, O(B L P) (the attention maps), like SPARC; no all-gather beyond the global term.
+    Memory: per sample, O(B L P) for the word side (like SPARC) plus O(B P^2) for the patch side's P x P
+    contrast; no all-gather beyond the global term.
     """
 
     def __init__(

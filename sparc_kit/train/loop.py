@@ -312,9 +312,9 @@ def train(
     """Train ``recipe`` into ``out_dir``, resuming from its newest checkpoint.
 
     ``callback(step, values)`` is called at the end of every step, after logging and checkpointing (for tests
-    and notebooks). Ctrl-C saves a
-    checkpoint of the last completed step and raises :class:`TrainingInterrupted`; a non-finite loss raises
-    :class:`NonFiniteLossError` before the update is applied.
+    and notebooks). Ctrl-C saves a checkpoint of the last completed step and raises
+    :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLossError` before the update is
+    applied. The run folder is locked for the duration (:class:`RunFolderBusyError` for a second trainer).
     """
     if not hasattr(recipe, "model"):
         recipe = load_recipe(recipe)
