@@ -15,6 +15,7 @@ from typing import List, Optional
 import typer
 
 from sparc_cli.ablate_command import ablate_command
+from sparc_cli.data_commands import add_to as add_data_commands
 from sparc_cli.eval_command import eval_command
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app = typer.Typer(
 recipes_app = typer.Typer(help="List, show, copy and validate recipes.", no_args_is_help=True)
 app.add_typer(recipes_app, name="recipes")
 app.command("eval")(eval_command)
+add_data_commands(app)  # sparc data inspect|verify|convert, sparc tokenizer train
 app.command("ablate")(ablate_command)
 
 

@@ -33,6 +33,7 @@ Tiny shapes throughout (B = 3), so the file runs in seconds on a 2-core CPU.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -65,8 +66,10 @@ VISION_TINY: dict[str, dict] = {
 TEXT_TINY: dict[str, dict] = {
     "transformer": {"width": 32, "depth": 2, "heads": 2},
 }
-DATASET_TINY: dict[str, dict] = {
+DATASET_TINY: dict[str, dict] = {  # "{data}" in a value is replaced by a folder of generated files
     "synthetic": {"num_samples": 8, "image_size": 16},
+    "manifest": {"path": "{data}/pairs.jsonl", "image_size": 16},
+    "webdataset": {"urls": "{data}/train-{000..001}.tar", "image_size": 16, "shuffle_buffer": 4},
 }
 # Poolers, losses, attention backends and engines are built with their defaults (as a recipe naming them would),
 # plus the internal arguments their builder fills in:
@@ -596,9 +599,14 @@ def test_attention_backend_matches_math(name, mask_kind):
 
 
 @pytest.mark.parametrize("name", DATASET_NAMES, ids=DATASET_NAMES)
-def test_dataset_items_and_determinism(name):
+def test_dataset_items_and_determinism(name, tmp_path, datagen):
     params = _tiny(DATASET_TINY, "DATASET_TINY", "dataset", name)
+    datagen.manifest(tmp_path, n=8, size=20)
+    datagen.shards(tmp_path, n_shards=2, per_shard=4, size=20)
+    params = {k: v.replace("{data}", str(tmp_path)) if isinstance(v, str) else v for k, v in params.items()}
     first, second = build(datasets, name, params), build(datasets, name, params)
+    if isinstance(first, torch.utils.data.IterableDataset):  # a stream: compare its first items
+        first, second = list(itertools.islice(first, 8)), list(itertools.islice(second, 8))
     n = min(len(first), 4)
     assert n > 0 and len(first) == len(second)
     for i in range(n):

@@ -478,12 +478,13 @@ def test_dump_then_load_round_trip(name, tmp_path):
 def test_dump_writes_component_names_first_and_every_default():
     text = dump_recipe(load_recipe("clip_tiny"))
     data = yaml.safe_load(text)
-    assert list(data) == ["name", "description", "model", "tokenizer", "loss", "data", "optim", "train", "engine"]
+    assert list(data) == ["name", "description", "model", "tokenizer", "loss", "data", "optim", "train", "engine", "eval"]
     assert list(data["model"]["vision"])[0] == "name"
     assert list(data["loss"]) == ["name", "local_loss"]
     assert data["optim"]["betas"] == [0.9, 0.98]
     assert data["train"]["keep_checkpoints"] == 2
     assert data["engine"] == {"name": "local"}
+    assert data["eval"] == []
     assert "extends" not in data
 
 

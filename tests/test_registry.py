@@ -275,7 +275,7 @@ def test_kinds_and_builtin_names():
     assert losses.names() == ["clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc"]
     assert reg.vision_encoders.names() == ["timm", "vit"]
     assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
-    assert reg.datasets.names() == ["synthetic"]
+    assert reg.datasets.names() == ["manifest", "synthetic", "webdataset"]
     assert reg.engines.names() == ["local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
 

@@ -26,7 +26,7 @@ import torch
 import yaml
 
 from sparc_kit.config import dump_recipe, load_recipe
-from sparc_kit.data import Collate, ResumableBatchSampler, Tokenizer, build_dataset, make_loader
+from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.evaluate import evaluate_during_training
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
@@ -365,17 +365,29 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
         start_step, samples_seen = info.step, int(info.state["samples_seen"])
         trained_s = float(info.state.get("trained_s", 0.0))
         counts.update(info.state.get("counts", {}))
+        started_workers = info.state.get("num_workers", cfg_train.num_workers)
+        if isinstance(dataset, torch.utils.data.IterableDataset) and started_workers != cfg_train.num_workers:
+            raise ResumeMismatchError(
+                f"run folder {out_dir} was trained with train.num_workers={started_workers}; a streaming dataset's "
+                f"sample order depends on it, so resume with --set train.num_workers={started_workers}"
+            )
         _truncate_metrics(out_dir, start_step)
     elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         _truncate_metrics(out_dir, 0)
 
     total = cfg_train.steps
     global_batch = cfg_train.batch_size * engine.world_size
-    sampler = ResumableBatchSampler(
-        len(dataset), cfg_train.batch_size, cfg_train.seed, samples_seen, engine.rank, engine.world_size
-    )
     image_size = getattr(model.vision, "image_size", None) or recipe.model.vision.image_size
-    loader = make_loader(dataset, Collate(tokenizer, image_size), sampler, cfg_train.num_workers)
+    loader = make_train_loader(
+        dataset,
+        Collate(tokenizer, image_size),
+        cfg_train.batch_size,
+        seed=cfg_train.seed,
+        samples_seen=samples_seen,
+        rank=engine.rank,
+        world_size=engine.world_size,
+        num_workers=cfg_train.num_workers,
+    )
 
     def checkpoint(step: int) -> None:
         if engine.is_main:
@@ -385,9 +397,10 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                 model,
                 {"optimizer": optimizer.state_dict(), "rng": _rng_state()},
                 {
-                    "samples_seen": samples_seen,
+                    "samples_seen": position,
                     "trained_s": trained_s + time.perf_counter() - t_loop,
-                    "counts": dict(counts),
+                    "counts": committed_counts,
+                    "num_workers": cfg_train.num_workers,
                 },
                 keep=cfg_train.keep_checkpoints,
                 extra_modules={"loss": loss_fn},
@@ -399,6 +412,7 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
     window_n, window_t0, last_finite = 0, time.perf_counter(), None
     t_loop = time.perf_counter()
     step = start_step
+    position, committed_counts = samples_seen, dict(counts)
     in_update = False
     model.train()
     loss_fn.train()
@@ -409,6 +423,7 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = next(batches)
+            samples_seen += global_batch  # the stream position: every batch taken counts, usable or not
             while True:  # a batch whose every sample was unreadable is counted, then the next one is taken
                 counts["skipped"] += int(batch.pop("skipped"))
                 counts["truncated"] += int(batch.pop("truncated"))
@@ -417,6 +432,7 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                 if batch["images"].shape[0]:
                     break
                 batch = next(batches)
+                samples_seen += global_batch
             batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
             with engine.autocast():
                 out = model(**batch)
@@ -429,7 +445,8 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
             engine.backward(loss)
             grad_norm = engine.step(cfg_optim.grad_clip)
             step += 1
-            samples_seen += global_batch
+            position = samples_seen  # the stream position after this step, as a checkpoint records it
+            committed_counts = dict(counts)
             in_update = False
             last_finite = step
             values = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
@@ -449,9 +466,9 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
                 row.update(
                     lr=lr,
                     samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
-                    samples_seen=samples_seen,
-                    skipped_samples=counts["skipped"],
-                    truncated_captions=counts["truncated"],
+                    samples_seen=position,
+                    skipped_samples=committed_counts["skipped"],
+                    truncated_captions=committed_counts["truncated"],
                     elapsed_s=round(trained_s + now - t_loop, 3),
                 )
                 if metrics_file is not None:
