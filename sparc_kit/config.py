@@ -278,16 +278,26 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
     out = copy.deepcopy(raw)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
+        node: Any = out
         for i, part in enumerate(path[:-1]):
-            nxt = node.get(part)
-            if nxt is None:
-                nxt = node[part] = {}
-            if not isinstance(nxt, dict):
-                where = ".".join(path[: i + 1])
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):  # a list entry by index: eval.0.max_samples=500
+                if not part.isdigit() or int(part) >= len(node):
+                    raise RecipeError([f"--set {item}: {where}: the list has {len(node)} entries (0-based index)"])
+                nxt = node[int(part)]
+            else:
+                nxt = node.get(part)
+                if nxt is None:
+                    nxt = node[part] = {}
+            if not isinstance(nxt, (dict, list)):
                 raise RecipeError([f"--set {item}: {where} is {nxt!r}, not a section with keys"])
             node = nxt
         leaf = path[-1]
+        if isinstance(node, list):
+            if not leaf.isdigit() or int(leaf) >= len(node):
+                raise RecipeError([f"--set {item}: the list has {len(node)} entries (0-based index)"])
+            node[int(leaf)] = value
+            continue
         switching = len(path) > 1 and leaf == "name" and isinstance(node.get("name"), str)
         if switching and node.get("name") != value:
             # switching component: keep only the keys the new component accepts (checked at validation)

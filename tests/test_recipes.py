@@ -529,3 +529,13 @@ def test_memory_url_missing_file(memory_dir):
     _, root = memory_dir
     url = f"memory://{root.lstrip('/')}/nothing.yaml"
     assert problems_of(url) == [f"recipe: file not found: {url}. " + BUILTIN_LIST]
+
+
+def test_override_reaches_into_a_list_by_index():
+    """`--set eval.0.max_samples=500` edits one entry of the eval list; a bad index names the list's length."""
+    r = load_recipe("sparc_cifar10", ["eval.0.max_samples=500", "eval.0.every=10"])
+    assert r.eval[0].max_samples == 500 and r.eval[0].every == 10
+    assert r.eval[0].task == "zeroshot"
+    with pytest.raises(RecipeError) as info:
+        load_recipe("sparc_cifar10", ["eval.3.every=1"])
+    assert info.value.problems == ["--set eval.3.every=1: eval: the list has 1 entries (0-based index)"]

@@ -225,7 +225,11 @@ class WebDataset(IterableDataset):
         resize_mode: ResizeMode = "center_crop",
         random_resized_crop: bool = False,
         storage_options: dict[str, Any] | None = None,
+        caption_templates: tuple[str, ...] = ("{}",),
     ):
+        if not caption_templates or any("{}" not in t for t in caption_templates):
+            raise ValueError("caption_templates: each template needs a '{}' for the sample's text, e.g. 'a photo of a {}.'")
+        self.caption_templates = tuple(caption_templates)
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ShardError(f"no shards in {urls!r}")
@@ -450,7 +454,15 @@ class WebDataset(IterableDataset):
             return image, None, f"caption is not text but {type(text).__name__}"
         if not text.strip():
             return image, None, "empty caption"
-        return image, " ".join(text.split())[: self.max_caption_chars], None
+        return image, self._template(" ".join(text.split()), key, epoch)[: self.max_caption_chars], None
+
+    def _template(self, text: str, key: str, epoch: int) -> str:
+        """Wrap a label-like text in one of ``caption_templates`` (fixed per sample and epoch), so a set whose
+        texts are class names ("airplane") trains on captions ("a photo of an airplane.")."""
+        if self.caption_templates == ("{}",):
+            return text
+        rng = random.Random(stable_seed("template", self.seed, key, epoch))
+        return rng.choice(self.caption_templates).format(text)
 
     def decode(self, url: str, key: str, files: dict[str, bytes], epoch: int = 0, aug_key: tuple = ()) -> dict:
         name = f"{_short(url)}:{key}"
@@ -512,7 +524,8 @@ class WebDataset(IterableDataset):
                     if isinstance(t, str) and t.strip():
                         if limit is not None and count >= limit:
                             return
-                        yield " ".join(t.split())[: self.max_caption_chars]
+                        template = self.caption_templates[count % len(self.caption_templates)]
+                        yield template.format(" ".join(t.split()))[: self.max_caption_chars]
                         count += 1
 
 
