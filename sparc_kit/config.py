@@ -283,7 +283,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             where = ".".join(path[: i + 1])
             if isinstance(node, list):  # a list entry by index: eval.0.max_samples=500
                 if not part.isdigit() or int(part) >= len(node):
-                    raise RecipeError([f"--set {item}: {where}: the list has {len(node)} entries (0-based index)"])
+                    owner = ".".join(path[:i])
+                    raise RecipeError([f"--set {item}: {owner} has {len(node)} entries; no index {part} (0-based)"])
                 nxt = node[int(part)]
             else:
                 nxt = node.get(part)
@@ -295,7 +296,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
         leaf = path[-1]
         if isinstance(node, list):
             if not leaf.isdigit() or int(leaf) >= len(node):
-                raise RecipeError([f"--set {item}: the list has {len(node)} entries (0-based index)"])
+                owner = ".".join(path[:-1])
+                raise RecipeError([f"--set {item}: {owner} has {len(node)} entries; no index {leaf} (0-based)"])
             node[int(leaf)] = value
             continue
         switching = len(path) > 1 and leaf == "name" and isinstance(node.get("name"), str)

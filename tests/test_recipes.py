@@ -538,4 +538,4 @@ def test_override_reaches_into_a_list_by_index():
     assert r.eval[0].task == "zeroshot"
     with pytest.raises(RecipeError) as info:
         load_recipe("sparc_cifar10", ["eval.3.every=1"])
-    assert info.value.problems == ["--set eval.3.every=1: eval: the list has 1 entries (0-based index)"]
+    assert info.value.problems == ["--set eval.3.every=1: eval has 1 entries; no index 3 (0-based)"]
