@@ -165,7 +165,8 @@ def inspect(
         tok = Tokenizer.load(tokenizer, context_length=context_length) if tokenizer else None
         captions = list(ds.captions())
         unit = "tokens" if tok else "words"
-        lengths = [len(tok.encode(c)) if tok else len(c.split()) for c in captions]
+        # untruncated piece counts (+1 for the end token), so captions longer than the context can be reported
+        lengths = [len(tok.sp.encode(c.lower() if tok.lowercase else c)) + tok.add_eos if tok else len(c.split()) for c in captions]
         report: dict[str, Any] = {"path": path, "kind": "manifest" if isinstance(ds, ManifestDataset) else "webdataset"}
         if isinstance(ds, ManifestDataset):
             report.update(samples=len(ds), bad_lines=len(ds.bad_rows))
@@ -371,7 +372,7 @@ def convert(
         skipped: list[str] = [f"line {n}: {reason}" for n, reason in ds.bad_rows]
         written = 0
         try:
-            for record in _records(ds, decode=False):
+            for record in _records(ds, decode=True):  # decoded, so a file that is not an image is left out
                 if "skip" in record:
                     skipped.append(f"{record['key']}: {record['skip']}")
                     continue

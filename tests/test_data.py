@@ -10,7 +10,7 @@ What is checked, and why
 - ``Tokenizer``: encode/decode round trip (lowercased), padding id 0 with ``mask == ids != 0``, the end token at
   the last real position and kept by truncation, the vocabulary bound, deterministic training, save/load through
   local paths and fsspec URLs, pickling.
-- ``ResumableBatchSampler``: against the documented stream (epoch ``e`` = ``randperm(n)`` seeded ``seed + e``):
+- ``ResumableBatchSampler``: against the documented stream (epoch ``e`` = ``randperm(n)`` seeded ``seed * 1_000_003 + e``):
   concatenated batches equal the stream, a start position resumes exactly the continuation (also across an epoch
   boundary), epochs are permutations, and ranks split each global batch into disjoint halves.
 - ``Collate``: normalisation by the given mean/std, resizing, token tensors; and a loader with worker processes
@@ -318,11 +318,11 @@ def test_sparc_tiny_tokenizer_fits_the_synthetic_captions():
 
 
 def reference_stream(n: int, seed: int, length: int) -> list[int]:
-    """The documented stream: epoch e is randperm(n) seeded by seed + e, epochs concatenated."""
+    """The documented stream: epoch e is randperm(n) seeded by seed * 1_000_003 + e, epochs concatenated."""
     out: list[int] = []
     epoch = 0
     while len(out) < length:
-        out += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out += torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
         epoch += 1
     return out[:length]
 
@@ -368,7 +368,7 @@ def test_sampler_resume_across_epoch_boundary_mid_batch():
     n, bs, seed = 10, 4, 5
     first = take(ResumableBatchSampler(n, bs, seed=seed, start=8), 1)[0]
     e0 = reference_stream(n, seed, n)
-    e1 = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1)).tolist()
+    e1 = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + 1)).tolist()
     assert first == e0[8:] + e1[:2]
 
 
@@ -472,3 +472,12 @@ def test_collate_counts_truncated_captions(tokenizer, dataset):
     batch = collate([item, {**item, "caption": long_caption}])
     assert int(batch["truncated"]) == 1
     assert tokenizer.is_truncated(long_caption) and not tokenizer.is_truncated(item["caption"])
+
+
+def test_neighbouring_seeds_do_not_share_epochs():
+    """Seed 1's first epoch must not be seed 0's second (runs that differ by seed see different orders)."""
+    a = ResumableBatchSampler(50, 10, seed=0)
+    b = ResumableBatchSampler(50, 10, seed=1)
+    epochs_a = [list(itertools.islice(a.indices(e * 50), 50)) for e in range(3)]
+    epoch0_b = list(itertools.islice(b.indices(0), 50))
+    assert all(epoch0_b != e for e in epochs_a)

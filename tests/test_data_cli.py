@@ -78,9 +78,11 @@ def test_inspect_counts_histogram_and_image_sizes(tmp_path, datagen, cli):
             "--context-length", "4")
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
-    lengths = [len(tok.encode(datagen.caption(i))) for i in range(14)]  # encode() already cuts at 4
+    # untruncated lengths (pieces + end token): a caption longer than the context must be visible as such
+    lengths = [len(tok.sp.encode(datagen.caption(i).lower())) + 1 for i in range(14)]
     assert report["kind"] == "webdataset" and report["shards"] == 2 and report["samples"] == 14
     assert report["caption_length"]["unit"] == "tokens" and report["caption_length"]["max"] == max(lengths)
+    assert report["longer_than_context"] == sum(n > 4 for n in lengths) > 0
     assert report["images"]["measured"] == 5 and report["images"]["height"]["min"] == 10
 
 
@@ -183,3 +185,31 @@ def test_smoke_inspect_and_verify_real_data(shared_data, cli):
     r = cli("data", "verify", shared_data / "cifar10" / "test-000.tar")
     assert r.exit_code == 0, r.output
     assert "10000 samples checked, 0 unreadable" in r.stdout
+
+
+def test_convert_leaves_out_a_file_that_is_not_an_image(tmp_path, datagen, cli):
+    path = datagen.manifest(tmp_path / "m", n=4, size=10)
+    (tmp_path / "m" / "img" / "notes.png").write_bytes(b"this is not a PNG at all")
+    with open(path, "a") as f:
+        f.write(json.dumps({"image": "img/notes.png", "caption": "a text file in disguise"}) + "\n")
+    r = cli("data", "convert", path, tmp_path / "out" / "s-%03d.tar", "--shard-size", "10")
+    assert r.exit_code == 0, r.output
+    assert "wrote 4 samples in 1 shard(s)" in r.stdout and "(1 skipped)" in r.stdout
+    assert "img/notes.png" in r.stderr
+    with tarfile.open(tmp_path / "out" / "s-000.tar") as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".png")]) == 4
+
+
+def test_inspect_reports_captions_longer_than_the_context(tmp_path, datagen, cli):
+    path = datagen.manifest(tmp_path / "m", n=6, size=10)
+    with open(path, "a") as f:
+        f.write(json.dumps({"image": "img/0000.png", "caption": " ".join(["red blue green things"] * 10)}) + "\n")
+    tok = tmp_path / "tok.model"
+    assert cli("tokenizer", "train", "--data", path, "--vocab-size", "64", "--out", tok).exit_code == 0
+    r = cli("data", "inspect", path, "--tokenizer", tok, "--context-length", "12", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    loaded = Tokenizer.load(str(tok), context_length=12)
+    captions = [json.loads(line).get("caption") for line in open(path)]
+    assert loaded.is_truncated(captions[-1])
+    assert report["longer_than_context"] == sum(loaded.is_truncated(c) for c in captions) >= 1

@@ -317,3 +317,18 @@ def test_evaluation_during_training_is_logged_and_matches_sparc_eval(tmp_path):
     for key, value in later.metrics.items():
         if isinstance(value, float):
             assert rows[6][f"eval/retrieval/{key}"] == pytest.approx(value, abs=1e-6), key
+
+
+def test_missing_evaluation_data_fails_before_training(tmp_path):
+    """A wrong eval: path is reported at once, not at the first evaluation hundreds of steps in."""
+    from sparc_kit.evaluate import EvalDataError
+
+    recipe = sparc_kit.load_recipe(
+        {
+            **micro_recipe("train.steps=4").model_dump(mode="json"),
+            "eval": [{"task": "retrieval", "data": str(tmp_path / "nowhere.jsonl"), "every": 2}],
+        }
+    )
+    with pytest.raises(EvalDataError, match="data not found: .*nowhere.jsonl"):
+        train(recipe, str(tmp_path / "run"), progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

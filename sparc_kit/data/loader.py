@@ -10,16 +10,23 @@ from torch.utils.data import DataLoader, Sampler
 
 from sparc_kit.data.tokenizer import Tokenizer
 
-__all__ = ["ResumableBatchSampler", "Collate", "make_loader", "IMAGE_MEAN", "IMAGE_STD"]
+__all__ = ["ResumableBatchSampler", "epoch_seed", "Collate", "make_loader", "IMAGE_MEAN", "IMAGE_STD"]
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of one epoch's permutation. Not ``seed + epoch``: with that, seed 1's first epoch would
+    be seed 0's second, and runs meant to differ by seed (``sparc ablate --seeds``) would share their data order."""
+    return seed * 1_000_003 + epoch
+
+
 class ResumableBatchSampler(Sampler[list[int]]):
     """An endless stream of batches over reshuffled epochs, that can start at any sample position.
 
-    Epoch ``e`` is the permutation ``randperm(n)`` seeded by ``seed + e``; the stream is their concatenation, so
+    Epoch ``e`` is the permutation ``randperm(n)`` seeded by :func:`epoch_seed` ``(seed, e)``; the stream is their
+    concatenation, so
     the sample at global position ``k`` is a pure function of ``(seed, k)``. A run that has consumed ``k``
     samples resumes with ``start=k`` and sees exactly the samples an uninterrupted run would have seen next.
     With several processes, each global batch of ``batch_size * world_size`` is split by rank.
@@ -54,7 +61,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.with_epoch = with_epoch
 
     def _epoch(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed + epoch)
+        g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         return torch.randperm(self.num_samples, generator=g)
 
     def indices(self, start: int) -> Iterator[int]:

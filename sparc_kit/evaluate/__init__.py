@@ -14,6 +14,7 @@ for the training loop. :class:`EvalConfig` is one entry of a recipe's ``eval:`` 
 from sparc_kit.evaluate.data import EvalDataError, iter_labelled_images, load_classnames, load_retrieval_set
 from sparc_kit.evaluate.retrieval import retrieval_evaluate, retrieval_metrics, retrieval_ranks
 from sparc_kit.evaluate.runner import (
+    check_eval_data,
     EvalResult,
     EvalTaskError,
     build_eval_specs,
@@ -34,6 +35,7 @@ from sparc_kit.evaluate.zeroshot import (
 )
 
 __all__ = [
+    "check_eval_data",
     "EvalConfig",
     "AVAILABLE_TASKS",
     "PLANNED_TASKS",

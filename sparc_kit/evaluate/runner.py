@@ -14,10 +14,13 @@ from typing import Any, Sequence
 import torch
 
 from sparc_kit.evaluate.data import (
+    EvalDataError,
     detect_task,
+    is_manifest,
     iter_labelled_images,
     load_classnames,
     load_retrieval_set,
+    shard_urls,
 )
 from sparc_kit.evaluate.retrieval import retrieval_evaluate
 from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
@@ -137,6 +140,21 @@ def run_evaluations(
     finally:
         model.train(was_training)
     return results
+
+
+def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
+    """Fail before training starts, not at the first evaluation hundreds of steps in, when an evaluation's data
+    or class-name file does not exist. Reads nothing but the file listings (and the class names)."""
+    import fsspec
+
+    for spec in [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in specs]:
+        paths = [spec.data] if is_manifest(spec.data) else shard_urls(spec.data)
+        for path in paths:
+            fs, _, (local,) = fsspec.get_fs_token_paths(path)
+            if not fs.exists(local):
+                raise EvalDataError(f"eval ({spec.task}): data not found: {path}")
+        if spec.task == "zeroshot":
+            load_classnames(spec.classnames, spec.data)
 
 
 def evaluate_during_training(

@@ -27,7 +27,7 @@ import yaml
 
 from sparc_kit.config import dump_recipe, load_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
-from sparc_kit.evaluate import evaluate_during_training
+from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
 from sparc_kit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -326,6 +326,8 @@ def train(
 def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
+    if recipe.eval:
+        check_eval_data(recipe.eval)
     ckpt_root = os.path.join(out_dir, "checkpoints")
     ckpt_path = latest_checkpoint(ckpt_root)
     if ckpt_path:
