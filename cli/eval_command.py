@@ -40,7 +40,7 @@ def eval_command(
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate the first N images only."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, ... or auto."),
     out: Optional[str] = typer.Option(
-        None, "--out", "-o", help="Also write all results to this JSON file (RUN/eval/TASK.json is always written)."
+        None, "--out", "-o", help="Also write all results to this JSON file (RUN/eval/NAME.json is always written, NAME = the task)."
     ),
 ) -> None:
     """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10."""

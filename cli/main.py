@@ -20,7 +20,7 @@ from sparc_cli.eval_command import eval_command
 
 app = typer.Typer(
     name="sparc",
-    help="Fine-grained image-text pretraining with SPARC: train, inspect components and recipes.",
+    help="Fine-grained image-text pretraining with SPARC: train, eval, ablate; recipes, components and data.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -214,7 +214,7 @@ text_encoders = Registry("text_encoder", "text towers returning token features")
 poolers = Registry("pooler", "turn a sequence of features into one global embedding")
 losses = Registry("loss", "training objectives: global, fine-grained and combined")
 datasets = Registry("dataset", "image-text training data")
-engines = Registry("engine", "how the loop runs: one process, DDP, DeepSpeed")
+engines = Registry("engine", "how the training loop runs: device, precision, backward and optimizer step")
 attention_backends = Registry("attention", "scaled dot-product attention kernels")
 
 _REGISTRIES: dict[str, Registry] = {

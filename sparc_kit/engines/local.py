@@ -26,7 +26,8 @@ class LocalEngine:
     """Runs the loop in this process on one device. The loop talks to an engine, never to DDP or DeepSpeed.
 
     The interface every engine implements: ``prepare(model, optimizer)``, ``autocast()``, ``backward(loss)``,
-    ``step(grad_clip)`` (returns the gradient norm), ``rank``, ``world_size``, ``is_main``, ``device``.
+    ``step(grad_clip)`` (returns the gradient norm), ``barrier()``, ``rank``, ``world_size``, ``is_main``,
+    ``device``.
     """
 
     rank = 0

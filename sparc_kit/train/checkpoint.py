@@ -7,7 +7,8 @@ Layout of ``RUN/checkpoints/step_00000200/``:
   cross-attention);
 - ``trainer.pt``: optimizer state and RNG state, tensors and plain containers only, read back with
   ``torch.load(weights_only=True)``;
-- ``state.json``: step, samples seen (the data position), the time trained.
+- ``state.json``: step, samples seen (the data position), the time trained, the bad-sample and truncation
+  counts, and the data-loader worker count (a streaming dataset's order depends on it).
 
 A checkpoint is written into a hidden temporary folder and renamed into place, then ``checkpoints/latest`` is
 replaced (temporary file, then rename): a crash at any moment leaves the previous checkpoint usable.

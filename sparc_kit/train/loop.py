@@ -6,7 +6,8 @@
 - ``recipe.yaml``: the fully resolved recipe;
 - ``tokenizer.model``: the SentencePiece model (trained from the captions when the recipe names none);
 - ``metrics.jsonl``: one JSON object per logged step (``step``, ``loss``, the loss terms and diagnostics,
-  ``lr``, ``grad_norm``, ``samples_per_s``, ``samples_seen``);
+  ``lr``, ``grad_norm``, ``samples_per_s``, ``samples_seen``, ``skipped_samples``, ``truncated_captions``,
+  ``elapsed_s``, and ``eval/NAME/METRIC`` at the steps the recipe's evaluations run);
 - ``checkpoints/step_N/``: see :mod:`sparc_kit.train.checkpoint`.
 """
 
