@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel
 
-from sparc_kit.config import RecipeError, dump_recipe, load_recipe
+from sparc_kit.config import COMPONENT_SECTIONS, RecipeError, dump_recipe, load_recipe
 
 __all__ = [
     "AblationError",
@@ -76,17 +76,6 @@ _BOOKKEEPING = {
 }
 # evaluation keys that count things rather than measure them (retrieval: images, texts; zero-shot: n, classes)
 _EVAL_SKIP = {"step", "steps", "n", "images", "texts", "classes", "samples", "seconds"}
-
-# the component sections of a recipe: varying their ``name`` sweeps the registered components of that kind
-_COMPONENT_KINDS = {
-    "model.vision": "vision_encoder",
-    "model.text": "text_encoder",
-    "model.image_pooler": "pooler",
-    "model.text_pooler": "pooler",
-    "loss": "loss",
-    "data": "dataset",
-    "engine": "engine",
-}
 
 # train-section keys that do not change what a run computes: a run folder may differ from the point in these
 _OPERATIONAL = {"steps", "device", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"}
@@ -239,10 +228,10 @@ def default_values(recipe: BaseModel, path: str) -> list[Any]:
     if path == "loss.weighting":
         return ["sparse", "dense", "softmax"]
     parent, _, leaf = path.rpartition(".")
-    if leaf == "name" and parent in _COMPONENT_KINDS:
+    if leaf == "name" and parent in COMPONENT_SECTIONS:
         from sparc_kit.registry import get_registry
 
-        return list(get_registry(_COMPONENT_KINDS[parent]).names())
+        return list(get_registry(COMPONENT_SECTIONS[parent]).names())
     annotation = _annotation(recipe, path)
     choices = _choices(annotation)
     if choices:

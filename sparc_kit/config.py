@@ -420,7 +420,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
             acc = f" Accepted keys: {', '.join(accepted)}." if accepted else ""
             lines.append(f"{path}: unknown key (value {value!r}).{dym}{acc}")
         elif etype == "union_tag_invalid":
-            kind = _COMPONENT_KINDS.get(path, "component")
+            kind = COMPONENT_SECTIONS.get(path, "component")
             known = err.get("ctx", {}).get("expected_tags", "")
             known_list = [t.strip(" '") for t in str(known).split(",")]
             given = err.get("ctx", {}).get("tag")
@@ -428,14 +428,14 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
             lines.append(f"{path}.name: unknown {kind} {given!r}.{dym} Known: {', '.join(known_list)}")
         elif etype == "union_tag_not_found":
-            kind = _COMPONENT_KINDS.get(path)
+            kind = COMPONENT_SECTIONS.get(path)
             known = ", ".join(reg.get_registry(kind).names()) if kind else "see `sparc components`"
             lines.append(f"{path}.name: missing; a {kind or 'component'} section needs a name, one of: {known}")
         elif etype == "missing":
             lines.append(f"{path}: missing required value")
         elif etype == "literal_error" and parts and parts[-1] == "name":  # a kind with a single component
             known_list = [t.strip(" '") for t in str(err.get("ctx", {}).get("expected", "")).split(" or ")]
-            kind = _COMPONENT_KINDS.get(".".join(parts[:-1]), "component")
+            kind = COMPONENT_SECTIONS.get(".".join(parts[:-1]), "component")
             hint = difflib.get_close_matches(str(value), known_list, n=1)
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
             lines.append(f"{path}: unknown {kind} {value!r}.{dym} Known: {', '.join(known_list)}")
@@ -446,7 +446,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
     return lines
 
 
-_COMPONENT_KINDS = {
+COMPONENT_SECTIONS = {  # recipe path of each component section -> its registry kind
     "model.vision": "vision_encoder",
     "model.text": "text_encoder",
     "model.image_pooler": "pooler",

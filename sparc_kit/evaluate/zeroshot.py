@@ -16,6 +16,8 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.evaluate.retrieval import _device
+
 __all__ = [
     "LABEL_ONLY",
     "CLIP_TEMPLATES",
@@ -65,13 +67,6 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
     if bad:
         raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name")
     return templates
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ from sparc_kit.losses.functional import (
     masked_pairwise_contrastive_loss,
     sparc_alignment_weights,
     sparc_fine_grained_loss,
+    symmetric_cross_entropy,
 )
 from sparc_kit.losses.filip import FilipLoss
 from sparc_kit.losses.gloria import GloriaLoss
@@ -28,6 +29,7 @@ __all__ = [
     "masked_pairwise_contrastive_loss",
     "sparc_alignment_weights",
     "sparc_fine_grained_loss",
+    "symmetric_cross_entropy",
     "ClipLoss",
     "SigLipLoss",
     "SparcLoss",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.losses.functional import symmetric_cross_entropy
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -118,8 +119,7 @@ class FilipLoss(GlobalPlusFineLoss):
             scale = torch.as_tensor(logit_scale, device=s_image.device).float()
             logits_i2t = scale * s_image  # [B_img, B_txt]
             logits_t2i = scale * s_text.t()  # [B_txt, B_img]
-            targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
-            loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
+            loss = symmetric_cross_entropy(logits_i2t, logits_t2i)
         return loss, (logits_i2t, logits_t2i)
 
     def forward(

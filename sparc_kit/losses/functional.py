@@ -20,6 +20,7 @@ __all__ = [
     "sparc_fine_grained_loss",
     "masked_pairwise_contrastive_loss",
     "contrastive_accuracy",
+    "symmetric_cross_entropy",
 ]
 
 Average = Literal["token", "caption"]
@@ -49,8 +50,14 @@ def clip_loss(
         image = F.normalize(image, dim=-1)
         text = F.normalize(text, dim=-1)
         logits = torch.as_tensor(logit_scale, dtype=torch.float32, device=image.device) * image @ text.t()
-        targets = torch.arange(logits.shape[0], device=logits.device)
-        return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+        return symmetric_cross_entropy(logits, logits.t())
+
+
+def symmetric_cross_entropy(logits_i2t: torch.Tensor, logits_t2i: torch.Tensor) -> torch.Tensor:
+    """``0.5 * (CE(image->text) + CE(text->image))`` for square logit matrices whose diagonal holds the
+    positives (the two need not be transposes of each other: FILIP scores the directions differently)."""
+    targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+    return 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
 
 
 def contrastive_accuracy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

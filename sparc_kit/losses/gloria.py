@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.losses.functional import symmetric_cross_entropy
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -106,8 +107,7 @@ class GloriaLoss(GlobalPlusFineLoss):
             scale = torch.as_tensor(logit_scale, device=match.device).float()
             logits_t2i = scale * match  # [B_txt, B_img]
             logits_i2t = logits_t2i.t()  # [B_img, B_txt]
-            targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
-            loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
+            loss = symmetric_cross_entropy(logits_i2t, logits_t2i)
         return loss, (logits_i2t, logits_t2i)
 
     def forward(
