@@ -3,7 +3,7 @@
 What is checked, and why
 ------------------------
 Each registered loss is compared against a *slow reference* written from its definition (the docstrings of the
-modules under test, /work/shared/paper-notes.md §6) with explicit Python loops over plain float64 numbers, so the
+modules under test, the papers' definitions) with explicit Python loops over plain float64 numbers, so the
 references share no code path with the vectorised float32 implementations:
 
 - SigLIP: ``-1/B sum_ij log sigmoid(z_ij (t cos(x_i, y_j) + b))``;

@@ -3,7 +3,7 @@
 What is checked, and why
 ------------------------
 The functions under test are compared against *slow, independent* references written directly from the equations
-of Bica et al. (ICML 2024), /work/shared/paper-notes.md sections 1.2-1.9:
+of Bica et al. (ICML 2024), eqs. 1-6:
 
 - eq. 1   symmetric InfoNCE on cosine similarities (``clip_loss``);
 - eq. 2   min-max normalisation of raw token-patch inner products over patches, per token;

@@ -8,7 +8,7 @@ evaluators:
 - :func:`load_retrieval_set` ``(path, max_samples)`` gives a :class:`RetrievalSet` of image URLs and their
   captions, iterated as ``(PIL image, [captions])``.
 
-Formats (design.md section 4):
+Formats (the project's evaluation-set contract, docs/data.md):
 
 - a manifest, JSONL (one object a line) or CSV (a header row), whose ``image`` is a path relative to the
   manifest or any fsspec URL; classification rows carry ``label`` (an index into the class names, or a class

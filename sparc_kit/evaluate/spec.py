@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 __all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "spec_names"]
 
 AVAILABLE_TASKS = ("zeroshot", "retrieval")
-PLANNED_TASKS = ("segmentation",)  # named by design.md; not implemented yet
+PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented yet
 
 
 class EvalConfig(BaseModel):

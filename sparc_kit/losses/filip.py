@@ -38,7 +38,7 @@ def drop_tokens(token_mask: torch.Tensor, rate: float) -> torch.Tensor:
 def filip_similarities(
     patch_embeds: torch.Tensor, token_embeds: torch.Tensor, token_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FILIP's late-interaction similarities of every (image i, caption j) pair (paper-notes §6.1).
+    """FILIP's late-interaction similarities of every (image i, caption j) pair.
 
     With l2-normalised patches ``x`` and tokens ``y``::
 

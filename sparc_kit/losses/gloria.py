@@ -27,7 +27,7 @@ def gloria_similarities(
 ) -> torch.Tensor:
     """GLoRIA's word-region matching score ``R(i, k)`` of caption i against image k, [B_text, B_image].
 
-    For every caption i and image k (paper-notes §6.3), with raw (un-normalised) tokens ``w`` and patches ``r``::
+    For every caption i and image k, with raw (un-normalised) tokens ``w`` and patches ``r``::
 
         s[l, p]  = w_il . r_kp / sqrt(D)                      (SPARC App. D.3: the 1/sqrt(D) is "crucial")
         a[l, p]  = softmax_p( s[l, p] )                       attention of word l over image k's patches

@@ -90,7 +90,7 @@ class CrossAttention(LazyModuleMixin, nn.Module):
 class MgcaLoss(GlobalPlusFineLoss):
     """MGCA's cross-modal token alignment (CTA) as SPARC re-implemented it, plus the global loss.
 
-    Within each pair only (paper-notes §6.4), on l2-normalised tokens ``t`` and patches ``v`` (MGCA normalises its
+    Within each pair only, on l2-normalised tokens ``t`` and patches ``v`` (MGCA normalises its
     local embeddings before the attention):
 
     - word side: each word attends to the image's patches with a :class:`CrossAttention` (softmax over

@@ -21,7 +21,7 @@ def pacl_similarities(
 ) -> torch.Tensor:
     """PACL's compatibility ``phi(i, j)`` of every (image i, text j) pair, [B_image, B_text].
 
-    For each pair (paper-notes §6.2, PACL's compatibility function)::
+    For each pair (PACL's compatibility function)::
 
         a_ij[p] = softmax_p( attn_scale * cos(v_ip, t_j) )       text-conditioned weights over image i's patches
         z_ij    = sum_p a_ij[p] v_ip                             weighted image embedding, one per text
