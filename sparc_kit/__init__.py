@@ -6,7 +6,7 @@
 """
 
 from sparc_kit import registry
-from sparc_kit import data, engines, losses, models  # noqa: F401  (import registers the built-in components)
+from sparc_kit import data, engines, evaluate, losses, models  # noqa: F401  (import registers the built-in components)
 from sparc_kit.config import RecipeError, builtin_recipes, dump_recipe, load_recipe, recipe_schema
 from sparc_kit.models import build_model
 from sparc_kit.pretrained import load_pretrained

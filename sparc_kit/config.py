@@ -121,6 +121,7 @@ def _ensure_components() -> None:
     import sparc_kit.engines  # noqa: F401
     import sparc_kit.losses  # noqa: F401
     import sparc_kit.models  # noqa: F401
+    import sparc_kit.evaluate  # noqa: F401
 
 
 @lru_cache(maxsize=4)

@@ -38,6 +38,7 @@ __all__ = [
     "datasets",
     "engines",
     "attention_backends",
+    "evaluators",
     "kinds",
     "get_registry",
     "suggest",
@@ -216,10 +217,11 @@ losses = Registry("loss", "training objectives: global, fine-grained and combine
 datasets = Registry("dataset", "image-text training data")
 engines = Registry("engine", "how the training loop runs: device, precision, backward and optimizer step")
 attention_backends = Registry("attention", "scaled dot-product attention kernels")
+evaluators = Registry("evaluator", "evaluations run by sparc eval and during training (options: the eval: entries)")
 
 _REGISTRIES: dict[str, Registry] = {
     r.kind: r
-    for r in (vision_encoders, text_encoders, poolers, losses, datasets, engines, attention_backends)
+    for r in (vision_encoders, text_encoders, poolers, losses, datasets, engines, attention_backends, evaluators)
 }
 
 

@@ -295,7 +295,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     headers = [line.split(":")[0] for line in lines if line and not line.startswith(" ")]
-    assert headers == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention"]
+    assert headers == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator"]
     assert "loss: training objectives: global, fine-grained and combined" in lines
     component_names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("    ")]
     assert component_names == [
@@ -306,6 +306,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
         "manifest", "synthetic", "webdataset",
         "local",
         "math", "sdpa", "xformers",
+        "retrieval", "zeroshot",
     ]
     assert "      lambda_g: float = 0.5" in lines
     assert "      lambda_f: float = 1.0" in lines
@@ -356,7 +357,7 @@ def test_components_shows_a_newly_registered_component_and_marks_required_parame
 
 
 def test_components_unknown_kind(cli):
-    known = "vision_encoder, text_encoder, pooler, loss, dataset, engine, attention"
+    known = "vision_encoder, text_encoder, pooler, loss, dataset, engine, attention, evaluator"
     assert_bad_input(cli("components", "nonsense"), [f"error: unknown component kind 'nonsense'. Known: {known}"])
     assert_bad_input(
         cli("components", "los"), [f"error: unknown component kind 'los'. Did you mean 'loss'? Known: {known}"]

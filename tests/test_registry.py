@@ -271,13 +271,14 @@ def test_version_bumps_on_each_registration(toys):
 
 
 def test_kinds_and_builtin_names():
-    assert reg.kinds() == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention"]
+    assert reg.kinds() == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator"]
     assert losses.names() == ["clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc"]
     assert reg.vision_encoders.names() == ["timm", "vit"]
     assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
     assert reg.datasets.names() == ["manifest", "synthetic", "webdataset"]
     assert reg.engines.names() == ["local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
+    assert reg.evaluators.names() == ["retrieval", "zeroshot"]
 
 
 @pytest.mark.parametrize(
@@ -304,7 +305,7 @@ def test_get_registry_unknown_kind():
         get_registry("nonsense")
     assert str(info.value) == (
         "unknown component kind 'nonsense'. Known: vision_encoder, text_encoder, pooler, loss, dataset, engine, "
-        "attention"
+        "attention, evaluator"
     )
     with pytest.raises(UnknownComponentError) as info:
         get_registry("los")

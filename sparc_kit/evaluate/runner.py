@@ -25,6 +25,7 @@ from sparc_kit.evaluate.data import (
 from sparc_kit.evaluate.retrieval import retrieval_evaluate
 from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
 from sparc_kit.evaluate.zeroshot import resolve_templates, zeroshot_evaluate
+from sparc_kit.registry import evaluators
 
 __all__ = [
     "EvalResult",
@@ -71,22 +72,34 @@ class EvalResult:
         }
 
 
+_TASK_ARGS = ("model", "tokenizer", "spec", "transform")  # call arguments; the options are the EvalConfig's
+
+
+@evaluators.register("zeroshot", internal=_TASK_ARGS)
+def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
+    """Zero-shot classification: class names x prompt templates, averaged text embeddings; top-1 and top-k."""
+    classnames = load_classnames(spec.classnames, spec.data)
+    templates = resolve_templates(spec.templates)
+    samples = iter_labelled_images(spec.data, classnames, spec.max_samples)
+    metrics = zeroshot_evaluate(
+        model, tokenizer, samples, classnames, templates, batch_size=spec.batch_size, transform=transform
+    )
+    return metrics, {"classnames": len(classnames), "templates": list(templates)}
+
+
+@evaluators.register("retrieval", internal=_TASK_ARGS)
+def retrieval_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
+    """Image-text retrieval: R@1/5/10 image-to-text and text-to-image, several captions per image, in chunks."""
+    dataset = load_retrieval_set(spec.data, spec.max_samples)
+    return retrieval_evaluate(model, tokenizer, dataset, batch_size=spec.batch_size, transform=transform), {}
+
+
 def run_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict[str, Any], dict]:
-    """Run one evaluation; ``(metrics, settings)``. The model should be in eval mode."""
-    if spec.task == "zeroshot":
-        classnames = load_classnames(spec.classnames, spec.data)
-        templates = resolve_templates(spec.templates)
-        samples = iter_labelled_images(spec.data, classnames, spec.max_samples)
-        metrics = zeroshot_evaluate(
-            model, tokenizer, samples, classnames, templates, batch_size=spec.batch_size, transform=transform
-        )
-        settings = {"classnames": len(classnames), "templates": list(templates)}
-    elif spec.task == "retrieval":
-        dataset = load_retrieval_set(spec.data, spec.max_samples)
-        metrics = retrieval_evaluate(model, tokenizer, dataset, batch_size=spec.batch_size, transform=transform)
-        settings = {}
-    else:  # pragma: no cover  (EvalConfig only admits available tasks)
+    """Run one evaluation through its registered evaluator; ``(metrics, settings)``. The model should be in
+    eval mode."""
+    if spec.task not in evaluators:  # pragma: no cover  (EvalConfig only admits available tasks)
         raise EvalTaskError(f"task {spec.task!r} is not available")
+    metrics, settings = evaluators.get(spec.task).builder(model, tokenizer, spec, transform)
     settings.update(max_samples=spec.max_samples, batch_size=spec.batch_size)
     return metrics, settings
 
