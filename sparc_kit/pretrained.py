@@ -70,16 +70,9 @@ class EvalTransform:
         return x if batched else x[0]
 
     def _pil_resize_crop(self, image):
-        from PIL import Image
+        from sparc_kit.data.transforms import center_crop  # the same view the training data gets
 
-        size = self.image_size
-        w, h = image.size
-        scale = size / min(w, h)
-        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-        if (new_w, new_h) != (w, h):
-            image = image.resize((new_w, new_h), Image.BICUBIC)
-        left, top = (new_w - size) // 2, (new_h - size) // 2
-        return image.crop((left, top, left + size, top + size))
+        return center_crop(image, self.image_size)
 
     @staticmethod
     def _pil_to_tensor(image) -> torch.Tensor:

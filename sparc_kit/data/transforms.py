@@ -90,6 +90,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
+def center_crop(image: Image.Image, s: int) -> Image.Image:
+    """Resize the shorter side to ``s`` (bicubic), then crop the centre ``s`` x ``s``: the evaluation view, and the
+    training view when no augmentation is asked for."""
+    w, h = image.size
+    scale = s / min(w, h)
+    nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BICUBIC)
+    left, top = (nw - s) // 2, (nh - s) // 2
+    return image.crop((left, top, left + s, top + s))
+
+
 class ImageTransform:
     """Decode to RGB and bring to ``image_size`` x ``image_size``; returns ``uint8 [3, H, W]``.
 
@@ -157,13 +169,7 @@ class ImageTransform:
 
     @staticmethod
     def _center_crop(image: Image.Image, s: int) -> Image.Image:
-        w, h = image.size
-        scale = s / min(w, h)
-        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
-        if (nw, nh) != (w, h):
-            image = image.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - s) // 2, (nh - s) // 2
-        return image.crop((left, top, left + s, top + s))
+        return center_crop(image, s)
 
     def _pad(self, image: Image.Image, s: int) -> Image.Image:
         w, h = image.size
