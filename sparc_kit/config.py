@@ -89,10 +89,6 @@ class TrainConfig(Strict):
     )
 
 
-def _model_fields(kind_model: type[BaseModel]) -> list[str]:
-    return [f for f in kind_model.model_fields if f != "name"]
-
-
 def _tagged(kind: str, name: str, config: type[BaseModel]) -> type[BaseModel]:
     return create_model(
         f"{kind}.{name}",

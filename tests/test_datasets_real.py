@@ -449,7 +449,6 @@ def test_training_on_webdataset_resumes_exactly(tmp_path, datagen):
     import shutil
 
     import sparc_kit
-    import sparc_kit.train.loop as loop
     from sparc_kit.train import TrainingInterrupted, latest_checkpoint, read_metrics, train
     from safetensors.torch import load_file
 
