@@ -54,7 +54,7 @@ class TokenizerConfig(Strict):
     path: str | None = None
     vocab_size: int = Field(32000, gt=3)
     context_length: int = Field(55, gt=1)
-    model_type: Literal["unigram", "bpe", "word"] = "unigram"
+    model_type: Literal["unigram", "bpe", "word", "char"] = "unigram"
     lowercase: bool = True
     add_eos: bool = True
     train_captions: int = Field(100_000, gt=0, description="how many training captions to train it on")
@@ -286,6 +286,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
             else:
                 nxt = node.get(part)
                 if nxt is None:
+                    if path[i + 1].isdigit():  # eval.0.every=... on a recipe that has no eval list
+                        raise RecipeError([f"--set {item}: this recipe has no {where} list to index into"])
                     nxt = node[part] = {}
             if not isinstance(nxt, (dict, list)):
                 raise RecipeError([f"--set {item}: {where} is {nxt!r}, not a section with keys"])

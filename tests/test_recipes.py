@@ -539,3 +539,14 @@ def test_override_reaches_into_a_list_by_index():
     with pytest.raises(RecipeError) as info:
         load_recipe("sparc_cifar10", ["eval.3.every=1"])
     assert info.value.problems == ["--set eval.3.every=1: eval has 1 entries; no index 3 (0-based)"]
+
+
+def test_override_indexing_a_list_the_recipe_does_not_have():
+    with pytest.raises(RecipeError) as info:
+        load_recipe("sparc_tiny", ["eval.0.every=5"])
+    assert info.value.problems == ["--set eval.0.every=5: this recipe has no eval list to index into"]
+
+
+def test_tokenizer_model_types_match_the_tokenizer_command():
+    """`sparc tokenizer train --model-type char` exists, so a recipe may name a char tokenizer too."""
+    assert load_recipe("sparc_tiny", ["tokenizer.model_type=char"]).tokenizer.model_type == "char"
