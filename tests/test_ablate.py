@@ -30,23 +30,9 @@ from sparc_kit.ablate import (
 )
 from sparc_kit.train import read_metrics, train
 
-MICRO = [
-    "model.embed_dim=32",
-    "model.vision.image_size=32",
-    "model.vision.patch_size=8",
-    "model.vision.width=32",
-    "model.vision.depth=1",
-    "model.vision.heads=2",
-    "model.text.width=32",
-    "model.text.depth=1",
-    "model.text.heads=2",
-    "data.num_samples=64",
-    "train.batch_size=8",
-    "train.log_every=2",
-    "train.checkpoint_every=4",
-    "optim.warmup_steps=2",
-    "train.steps=4",
-]
+from test_train import MICRO as TRAIN_MICRO  # noqa: E402  (the micro sparc_tiny every training test uses)
+
+MICRO = [*TRAIN_MICRO, "train.steps=4"]
 P_MICRO = (32 // 8) ** 2  # 16
 
 

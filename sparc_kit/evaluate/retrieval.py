@@ -14,7 +14,7 @@ same therefore gets R@K of about 0, not 1, and the result does not depend on sor
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,19 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 @torch.no_grad()
+def encode_image_batches(
+    model: Any, samples: Iterable[tuple[Any, Any]], transform: Any, batch_size: int, max_samples: int | None = None
+) -> Iterator[tuple[torch.Tensor, list[tuple[Any, Any]]]]:
+    """Unit-length image embeddings [B, E] (on the model's device) of ``(image, target)`` pairs, ``batch_size``
+    at a time, with the pairs they came from: the one image pass both evaluations share."""
+    device = _device(model)
+    stream = iter(samples if max_samples is None else itertools.islice(samples, max_samples))
+    while batch := list(itertools.islice(stream, batch_size)):
+        images = torch.stack([transform(image) for image, _ in batch]).to(device)
+        yield F.normalize(model.encode_image(images).float(), dim=-1), batch
+
+
+@torch.no_grad()
 def encode_texts(model: Any, tokenizer: Any, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
     """Unit-length text embeddings [len(texts), E] on the CPU, encoded ``batch_size`` at a time."""
     device = _device(model)
@@ -136,19 +149,13 @@ def retrieval_evaluate(
 
     if transform is None:
         transform = transform_for(model)
-    device = _device(model)
     image_chunks: list[torch.Tensor] = []
     captions: list[str] = []
     owner: list[int] = []
     n = 0
-    stream = iter(dataset if max_samples is None else itertools.islice(dataset, max_samples))
-    while True:
-        batch = list(itertools.islice(stream, batch_size))
-        if not batch:
-            break
-        images = torch.stack([transform(image) for image, _ in batch]).to(device)
-        image_chunks.append(F.normalize(model.encode_image(images).float(), dim=-1).cpu())  # [B, E]
-        for image, caps in batch:
+    for image_embeds, batch in encode_image_batches(model, dataset, transform, batch_size, max_samples):
+        image_chunks.append(image_embeds.cpu())  # [B, E]
+        for _, caps in batch:
             caps = [caps] if isinstance(caps, str) else list(caps)
             captions.extend(caps)
             owner.extend([n] * len(caps))

@@ -10,13 +10,12 @@ ensemble (Table 2 ensembles CLIP's prefixes with FILIP's suffixes; this is a sma
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from sparc_kit.evaluate.retrieval import _device
+from sparc_kit.evaluate.retrieval import _device, encode_image_batches
 
 __all__ = [
     "LABEL_ONLY",
@@ -135,14 +134,8 @@ def zeroshot_evaluate(
     weights = weights.to(device)
     correct = {k: 0 for k in ks}
     n = 0
-    stream = iter(samples if max_samples is None else itertools.islice(samples, max_samples))
-    while True:
-        batch = list(itertools.islice(stream, batch_size))
-        if not batch:
-            break
-        images = torch.stack([transform(image) for image, _ in batch]).to(device)
+    for image_embeds, batch in encode_image_batches(model, samples, transform, batch_size, max_samples):
         labels = torch.tensor([int(label) for _, label in batch], device=device)
-        image_embeds = F.normalize(model.encode_image(images).float(), dim=-1)  # [B, E]
         logits = image_embeds @ weights.T  # [B, C]
         for k, c in topk_correct(logits, labels, ks).items():
             correct[k] += c
