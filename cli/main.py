@@ -56,6 +56,50 @@ def _default_out(recipe_arg: str, recipe) -> str:
     return os.path.join("runs", stem)
 
 
+def _rank_and_world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _fail_run(exc: BaseException, code: int) -> None:
+    """A training process's one-line error. One process of several leaves it for `sparc train --nproc` to
+    print (the root cause only); under another launcher it prints it with its rank, unless it merely repeats
+    an error of rank 0's."""
+    from sparc_kit.train.launch import record_failure
+
+    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    rank, world = _rank_and_world()
+    if world > 1:
+        from_main = bool(getattr(exc, "from_main", False))
+        if not record_failure(line, code, from_main=from_main) and not from_main:
+            typer.echo(f"error: [rank {rank}] {line}", err=True)
+        raise typer.Exit(code)
+    _fail(line, code)
+
+
+def _launch(recipe: str, set_: list[str], out_dir: str, quiet: bool, nproc: int, cfg) -> None:
+    from sparc_kit.engines import BatchLayout, EngineSetupError
+    from sparc_kit.train.launch import launch
+
+    if cfg.engine.name == "local":
+        _fail(
+            f"--nproc {nproc}: engine.name is 'local', which runs one process; add --set engine.name=ddp "
+            "(or engine.name=deepspeed)"
+        )
+    try:
+        BatchLayout(cfg.train.batch_size, nproc, cfg.train.accum_steps)
+    except EngineSetupError as exc:
+        _fail(f"--nproc {nproc}: {exc}")
+    argv = ["train", recipe, "--out", out_dir]
+    for item in set_:
+        argv += ["--set", item]
+    if quiet:
+        argv.append("--quiet")
+    result = launch(argv, nproc)
+    if result.exit_code and result.message:
+        typer.echo(f"error: [rank {result.rank}] {result.message}", err=True)
+    raise typer.Exit(result.exit_code)
+
+
 @app.command()
 def train(
     recipe: str = typer.Argument(..., help="Recipe file or URL, or a built-in recipe name (sparc_tiny)."),
@@ -63,17 +107,34 @@ def train(
         None, "--set", "-s", help="Override a recipe value: --set train.steps=100 (repeatable)."
     ),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Run folder (default runs/RECIPE_NAME)."),
+    nproc: Optional[int] = typer.Option(
+        None,
+        "--nproc",
+        help="Start this many processes on this machine (torch.distributed.run; engine ddp or deepspeed).",
+    ),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved recipe and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
-    """Train a recipe; resumes automatically when the run folder holds a checkpoint."""
+    """Train a recipe; resumes automatically when the run folder holds a checkpoint.
+
+    Several processes: `sparc train RECIPE --nproc N`, or any launcher (torchrun ... -m sparc_cli train RECIPE,
+    srun, the deepspeed launcher) with engine.name ddp or deepspeed; train.batch_size is the global batch.
+    """
     from sparc_kit.config import dump_recipe
 
+    del local_rank  # the deepspeed launcher's argument; LOCAL_RANK in the environment says the same
     cfg = _load(recipe, set_ or [])
     if print_config:
         typer.echo(dump_recipe(cfg), nl=False)
         return
     out_dir = out or _default_out(recipe, cfg)
+    if nproc is not None:
+        if nproc < 1:
+            _fail(f"--nproc: must be at least 1, got {nproc}")
+        if nproc > 1:
+            _launch(recipe, set_ or [], out_dir, quiet, nproc, cfg)
+    from sparc_kit.engines import EngineSetupError
     from sparc_kit.train import (
         NonFiniteLossError,
         ResumeMismatchError,
@@ -82,19 +143,27 @@ def train(
         TrainingInterrupted,
     )
     from sparc_kit.train import train as run_train
+    from sparc_kit.train.launch import is_peer_failure, record_failure
 
+    rank, world = _rank_and_world()
     try:
         result = run_train(cfg, out_dir, progress=not quiet)
-    except (ResumeMismatchError, RunFolderBusyError) as exc:
-        _fail(str(exc), 1)
-    except (NonFiniteLossError, TooManyBadSamplesError) as exc:
-        _fail(str(exc), 1)
+    except (ResumeMismatchError, RunFolderBusyError, NonFiniteLossError, TooManyBadSamplesError) as exc:
+        _fail_run(exc, 1)
     except TrainingInterrupted as exc:
-        typer.echo(f"\n{exc}", err=True)
+        if rank == 0:
+            typer.echo(f"\n{exc}", err=True)
         raise typer.Exit(130)
-    except ValueError as exc:  # a component that rejected its arguments at build time
-        _fail(str(exc).splitlines()[0], 2)
-    if not quiet:
+    except (EngineSetupError, ValueError) as exc:  # a component or engine that rejected the recipe at build time
+        _fail_run(exc, 2)
+    except Exception as exc:
+        if world > 1 and is_peer_failure(exc):  # another process went away: its own error is the one to read
+            line = f"stopped: another process of this run failed ({str(exc).splitlines()[0][:120]})"
+            if not record_failure(line, 1, peer=True):
+                typer.echo(f"error: [rank {rank}] {line}", err=True)
+            raise typer.Exit(1)
+        raise
+    if not quiet and rank == 0:
         if result.resumed_from is not None and result.resumed_from >= result.steps:
             typer.echo(f"run already complete at step {result.steps}: {out_dir}")
         else:

@@ -32,6 +32,7 @@ __all__ = [
     "apply_overrides",
     "dump_recipe",
     "recipe_schema",
+    "recipe_problems",
 ]
 
 
@@ -42,6 +43,9 @@ class RecipeError(ValueError):
         self.problems = problems
         self.source = source
         super().__init__("\n".join(problems))
+
+    def __reduce__(self):  # survives pickling (sent between processes)
+        return (RecipeError, (self.problems, self.source))
 
 
 class Strict(BaseModel):
@@ -75,8 +79,13 @@ class OptimConfig(Strict):
 
 
 class TrainConfig(Strict):
+    """Step-based training. ``batch_size`` is the global batch: the same number on 1 or N processes (each
+    process takes ``batch_size / N``); ``accum_steps`` splits each process's part into that many micro-batches,
+    contrastive-correct (the loss and gradients of the whole batch)."""
+
     steps: int = Field(1000, gt=0)
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(64, gt=0, description="the global batch, all processes and micro-batches together")
+    accum_steps: int = Field(1, gt=0, description="micro-batches per process and step (gradient accumulation)")
     seed: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     device: str = "auto"
@@ -314,9 +323,37 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 def recipe_from_dict(raw: dict[str, Any], source: str | None = None) -> BaseModel:
     schema = recipe_schema()
     try:
-        return schema.model_validate(raw)
+        recipe = schema.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(_format_errors(exc, raw, schema), source=source) from None
+    problems = recipe_problems(recipe)
+    if problems:
+        raise RecipeError(problems, source=source)
+    return recipe
+
+
+def recipe_problems(recipe: BaseModel) -> list[str]:
+    """Problems of a recipe whose every field is valid but whose fields disagree: the batch and the
+    accumulation steps, and what each component's ``check`` finds (a DeepSpeed pass-through key that
+    contradicts the train section)."""
+    problems = []
+    t = recipe.train
+    if t.batch_size % t.accum_steps:
+        problems.append(
+            f"train.accum_steps: {t.accum_steps} micro-batches do not divide train.batch_size={t.batch_size}; "
+            f"use a batch size that is a multiple of {t.accum_steps}"
+        )
+    for path, kind in COMPONENT_SECTIONS.items():
+        node: Any = recipe
+        for part in path.split("."):
+            node = getattr(node, part, None)
+        name = getattr(node, "name", None)
+        if name is None:
+            continue
+        entry = reg.get_registry(kind).get(name)
+        if entry.check is not None:
+            problems.extend(entry.check(recipe))
+    return problems
 
 
 def load_recipe(

@@ -82,6 +82,10 @@ class Entry:
     config: type[ComponentConfig]
     doc: str
     internal: tuple[str, ...] = ()
+    #: ``check(recipe) -> list[str]``: problems of a whole validated recipe that this component can see and a
+    #: field-level schema cannot (a DeepSpeed pass-through key that contradicts the train section); one line each,
+    #: reported with the recipe's other errors.
+    check: Callable[[Any], list[str]] | None = None
 
     def build(self, params: dict[str, Any] | BaseModel | None = None, **extra: Any) -> Any:
         """Validate ``params`` against the config model and call the builder."""
@@ -151,12 +155,14 @@ class Registry:
         *,
         internal: tuple[str, ...] = (),
         override: bool = False,
+        check: Callable[[Any], list[str]] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``builder`` under ``name``.
 
         ``config`` is the parameter model; by default it is derived from the builder's signature, leaving out
-        the ``internal`` arguments. Registering a name twice warns (as timm does) unless ``override=True``; the
-        later registration wins.
+        the ``internal`` arguments. ``check(recipe)`` returns the problems of a whole recipe that uses this
+        component (see :attr:`Entry.check`). Registering a name twice warns (as timm does) unless
+        ``override=True``; the later registration wins.
         """
 
         def decorator(builder: Callable[..., Any]) -> Callable[..., Any]:
@@ -174,7 +180,7 @@ class Registry:
                 raise TypeError(f"config for {self.kind} {name!r} must be a pydantic model")
             doc = inspect.getdoc(builder) or ""
             summary = doc.split("\n\n")[0].replace("\n", " ")
-            self._entries[name] = Entry(self.kind, name, builder, cfg, summary, tuple(internal))
+            self._entries[name] = Entry(self.kind, name, builder, cfg, summary, tuple(internal), check)
             self.version += 1
             return builder
 

@@ -62,7 +62,7 @@ def test_unknown_key_line(cli, in_tmp):
         cli("train", "bad.yaml"),
         [
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
         ],
     )
     assert not (in_tmp / "runs").exists()
@@ -118,7 +118,7 @@ def test_several_problems_each_on_its_own_line(cli, in_tmp):
             "integer",
             "error: bad.yaml: train.batch_size: got 0; input should be greater than 0",
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction.",
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction.",
         ],
     )
 
@@ -304,7 +304,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
         "attention", "cls", "last", "max", "mean",
         "clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc",
         "manifest", "synthetic", "webdataset",
-        "local",
+        "ddp", "deepspeed", "local",
         "math", "sdpa", "xformers",
         "retrieval", "zeroshot",
     ]

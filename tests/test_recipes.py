@@ -236,7 +236,7 @@ def test_override_recipe_name_keeps_the_recipe():
 
 def test_problems_unknown_key_with_did_you_mean_and_accepted_keys():
     assert problems_of("sparc_tiny", ["train.stpes=5"]) == [
-        "train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, batch_size, seed, "
+        "train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, batch_size, accum_steps, seed, "
         "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
     ]
 
@@ -265,8 +265,9 @@ def test_problems_unknown_component_names():
     assert problems_of("sparc_tiny", ["data.name=synthetik"]) == [
         "data.name: unknown dataset 'synthetik'. Did you mean 'synthetic'? Known: manifest, synthetic, webdataset"
     ]
-    # kinds with a single registered component are a Literal, not a tagged union: same message
-    assert problems_of("sparc_tiny", ["engine.name=ddp"]) == ["engine.name: unknown engine 'ddp'. Known: local"]
+    assert problems_of("sparc_tiny", ["engine.name=dpp"]) == [
+        "engine.name: unknown engine 'dpp'. Did you mean 'ddp'? Known: ddp, deepspeed, local"
+    ]
     assert problems_of("sparc_tiny", ["model.image_pooler.name=maxx"]) == [
         "model.image_pooler.name: unknown pooler 'maxx'. Did you mean 'max'? Known: attention, cls, last, max, mean"
     ]

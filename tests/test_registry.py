@@ -276,7 +276,7 @@ def test_kinds_and_builtin_names():
     assert reg.vision_encoders.names() == ["timm", "vit"]
     assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
     assert reg.datasets.names() == ["manifest", "synthetic", "webdataset"]
-    assert reg.engines.names() == ["local"]
+    assert reg.engines.names() == ["ddp", "deepspeed", "local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
     assert reg.evaluators.names() == ["retrieval", "zeroshot"]
 

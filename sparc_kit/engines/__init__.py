@@ -1,5 +1,20 @@
-"""Engines: how the training loop runs (one process now; DDP and DeepSpeed plug in behind the same interface)."""
+"""Engines: how the training loop runs. ``local`` (one process), ``ddp`` (torch DistributedDataParallel) and
+``deepspeed`` (ZeRO 0-3, offload), all behind the interface of :class:`~sparc_kit.engines.base.Engine`."""
 
-from sparc_kit.engines.local import LocalEngine, resolve_device
+from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups, resolve_device
+from sparc_kit.engines.ddp import DDPEngine
+from sparc_kit.engines.deepspeed import DeepSpeedEngine, consolidate_zero_checkpoint
+from sparc_kit.engines.local import LocalEngine
 
-__all__ = ["LocalEngine", "resolve_device"]
+__all__ = [
+    "Engine",
+    "LocalEngine",
+    "DDPEngine",
+    "DeepSpeedEngine",
+    "BatchLayout",
+    "OptimizerSpec",
+    "EngineSetupError",
+    "param_groups",
+    "resolve_device",
+    "consolidate_zero_checkpoint",
+]

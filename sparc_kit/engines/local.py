@@ -1,68 +1,88 @@
-"""The single-process engine: one device, optional bf16 autocast."""
+"""The single-process engine: one device, a torch AdamW, optional bf16 autocast."""
 
 from __future__ import annotations
 
-import contextlib
+import os
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, resolve_device
 from sparc_kit.registry import engines
 
-__all__ = ["LocalEngine", "resolve_device"]
+__all__ = ["LocalEngine", "resolve_device", "grad_norm"]
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {device!r} but CUDA is not available here (use 'auto' or 'cpu')")
-    return dev
+def grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
+    """The 2-norm of all gradients together, clipping them to ``clip`` when given."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
 
 
 @engines.register("local", internal=("device", "precision"))
-class LocalEngine:
-    """Runs the loop in this process on one device. The loop talks to an engine, never to DDP or DeepSpeed.
+class LocalEngine(Engine):
+    """Runs the loop in this process on one device (the default). The loop talks to an engine, never to DDP or
+    DeepSpeed; see :mod:`sparc_kit.engines.base` for the interface."""
 
-    The interface every engine implements: ``prepare(model, optimizer)``, ``autocast()``, ``backward(loss)``,
-    ``step(grad_clip)`` (returns the gradient norm), ``barrier()``, ``rank``, ``world_size``, ``is_main``,
-    ``device``.
-    """
-
-    rank = 0
-    world_size = 1
-    is_main = True
+    name = "local"
 
     def __init__(self, device: str = "auto", precision: str = "fp32"):
-        self.device = resolve_device(device)
-        self.precision = precision
-        self.model: nn.Module | None = None
+        super().__init__(device, precision)
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> nn.Module:
-        self.model, self.optimizer = model, optimizer
-        return model
+    def setup(
+        self,
+        module: nn.Module,
+        optimizer: OptimizerSpec,
+        layout: BatchLayout | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1:
+            from sparc_kit.engines.base import EngineSetupError
 
-    def autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+            raise EngineSetupError(
+                f"this process is one of {world} (WORLD_SIZE={world}) but engine.name is 'local', which runs one "
+                "process; set engine.name=ddp or engine.name=deepspeed"
+            )
+        self.layout = layout
+        self.module = module.to(self.device)
+        self.wrapped = self.module
+        self.optimizer = optimizer.build()
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, grad_clip: float | None) -> torch.Tensor:
-        assert self.model is not None and self.optimizer is not None, "call prepare() first"
-        # every optimised tensor, the loss's own parameters included
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
+    def _params(self) -> list[torch.Tensor]:
+        assert self.optimizer is not None, "call setup() first"
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def step(self, grad_clip: float | None) -> float:
+        norm = grad_norm(self._params(), grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return float(norm)
 
-    def barrier(self) -> None:
-        pass
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save(self, folder: str) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict()} if self.is_main else {}
+
+    def load(self, folder: str, trainer_state: dict[str, Any]) -> None:
+        from sparc_kit.train.checkpoint import load_module_weights
+
+        load_module_weights(self.unwrap(), folder)
+        self.optimizer.load_state_dict(trainer_state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        if not self.is_main:
+            return None
+        return {k: v.detach().cpu().contiguous() for k, v in self.unwrap().state_dict().items()}

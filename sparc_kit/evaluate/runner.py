@@ -33,6 +33,7 @@ __all__ = [
     "run_task",
     "run_evaluations",
     "evaluate_during_training",
+    "evaluations_due",
     "build_eval_specs",
     "check_task",
     "result_rows",
@@ -168,6 +169,12 @@ def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
                 raise EvalDataError(f"eval ({spec.task}): data not found: {path}")
         if spec.task == "zeroshot":
             load_classnames(spec.classnames, spec.data)
+
+
+def evaluations_due(eval_specs: Sequence[EvalConfig | dict], step: int, final: bool = False) -> bool:
+    """Whether any of ``eval_specs`` runs at ``step`` (every process can ask, without running anything)."""
+    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in eval_specs]
+    return any(final or (s.every is not None and step % s.every == 0) for s in specs)
 
 
 def evaluate_during_training(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparc_kit.losses.functional import symmetric_cross_entropy
+from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -90,8 +90,10 @@ class FilipLoss(GlobalPlusFineLoss):
     and retrieval use the late-interaction similarity, not the global embeddings.
 
     Memory: all pairs, O(B^2 L P) (the paper's cost table: about 3x CLIP's FLOPs and 1.8x its memory at
-    B = 16,384). With several processes the negatives are the local batch only (no all-gather of patches and
-    tokens); the global term, if used, still gathers.
+    B = 16,384). With several processes every process gathers the patches [B, P, D] and tokens [B, L, D] of all
+    processes (with gradient) and scores its own images against every caption and its own captions against every
+    image (:func:`~sparc_kit.losses.distributed.pairwise_contrast`): the negatives are the whole global batch, as in
+    one process, for an all-gather of B (P + L) D values per step and O(B_local B_global L P) memory per process.
     """
 
     def __init__(
@@ -110,17 +112,20 @@ class FilipLoss(GlobalPlusFineLoss):
     def fine_loss(
         self, patch_embeds, token_embeds, token_mask, logit_scale
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """FILIP's loss and its (image->text, text->image) logits, each [B, B] with rows the query side."""
+        """FILIP's loss and its (image->text, text->image) logits with rows the query side ([B, B]; [B_local,
+        B_global] with several processes) and each row's positive column."""
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
             mask = token_mask.bool()
             if self.training and self.token_drop > 0:
                 mask = drop_tokens(mask, self.token_drop)
-            s_image, s_text = filip_similarities(patch_embeds, token_embeds, mask)  # [B_img, B_txt] each
-            scale = torch.as_tensor(logit_scale, device=s_image.device).float()
-            logits_i2t = scale * s_image  # [B_img, B_txt]
-            logits_t2i = scale * s_text.t()  # [B_txt, B_img]
-            loss = symmetric_cross_entropy(logits_i2t, logits_t2i)
-        return loss, (logits_i2t, logits_t2i)
+            scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
+
+            def scores(images, texts):
+                s_image, s_text = filip_similarities(images[0], texts[0], texts[1])  # [n_img, n_txt] each
+                return scale * s_image, scale * s_text.t()  # i2t [n_img, n_txt], t2i [n_txt, n_img]
+
+            loss, logits_i2t, logits_t2i, targets = pairwise_contrast(scores, (patch_embeds,), (token_embeds, mask))
+        return loss, (logits_i2t, logits_t2i, targets)
 
     def forward(
         self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_

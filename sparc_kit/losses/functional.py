@@ -19,6 +19,7 @@ __all__ = [
     "sparc_alignment_weights",
     "sparc_fine_grained_loss",
     "masked_pairwise_contrastive_loss",
+    "average_denominator",
     "contrastive_accuracy",
     "symmetric_cross_entropy",
 ]
@@ -103,8 +104,29 @@ def sparc_alignment_weights(
     return normalised / normalised.sum(dim=-1, keepdim=True)
 
 
+def average_denominator(token_mask: torch.Tensor, average: Average = "token") -> torch.Tensor:
+    """What :func:`masked_pairwise_contrastive_loss` divides its sum by: the number of real tokens
+    (``"token"``) or of captions with at least one real token (``"caption"``), as this process's share of the
+    global batch when there are several processes (:func:`~sparc_kit.losses.distributed.batch_share`), so the
+    mean over processes is the mean over the global batch. Never 0 (the sum is then 0 too)."""
+    from sparc_kit.losses.distributed import batch_share
+
+    mask = token_mask.bool()
+    if average == "token":
+        count = mask.sum()
+    elif average == "caption":
+        count = mask.any(dim=1).sum()
+    else:
+        raise ValueError(f"average must be 'token' or 'caption', got {average!r}")
+    share = batch_share(count, mask.device)
+    return torch.where(share > 0, share, torch.ones_like(share))
+
+
 def masked_pairwise_contrastive_loss(
-    logits: torch.Tensor, token_mask: torch.Tensor, average: Average = "token"
+    logits: torch.Tensor,
+    token_mask: torch.Tensor,
+    average: Average = "token",
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     """Within-sample contrast of an [B, L, L] logit matrix whose diagonal holds the positives.
 
@@ -112,6 +134,10 @@ def masked_pairwise_contrastive_loss(
     dropped row cannot leak into the result). ``average="token"`` averages over all real tokens of the batch
     (the paper's pseudo-code); ``"caption"`` averages within each caption, then over captions that have at
     least one real token (eq. 6).
+
+    ``denominator`` replaces the count the sum is divided by (:func:`average_denominator` of these rows): a
+    caller that scores only some rows of a batch (one micro-batch of an accumulated step) passes the count of
+    the whole batch, so the parts add up to the whole.
     """
     mask = token_mask.bool()
     # A finite fill value rather than -inf: a caption with no real token would otherwise give an all -inf row,
@@ -121,13 +147,15 @@ def masked_pairwise_contrastive_loss(
     positives = torch.diagonal(logits, dim1=1, dim2=2)  # [B, L]
     per_token = torch.logsumexp(masked, dim=-1) - positives  # [B, L]
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    if denominator is None:
+        denominator = average_denominator(mask, average)
     if average == "token":
-        return per_token.sum() / mask.sum().clamp_min(1)
+        return per_token.sum() / denominator
     if average == "caption":
         lengths = mask.sum(dim=1)
         per_caption = per_token.sum(dim=1) / lengths.clamp_min(1)
         has_tokens = lengths > 0
-        return (per_caption * has_tokens).sum() / has_tokens.sum().clamp_min(1)
+        return (per_caption * has_tokens).sum() / denominator
     raise ValueError(f"average must be 'token' or 'caption', got {average!r}")
 
 
@@ -140,6 +168,7 @@ def sparc_fine_grained_loss(
     average: Average = "token",
     weighting: Weighting = "sparse",
     return_weights: bool = False,
+    denominator: torch.Tensor | float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SPARC's fine-grained sequence-wise loss (eqs. 2-6).
 
@@ -153,7 +182,8 @@ def sparc_fine_grained_loss(
        ``average`` ("token" or "caption", see :func:`masked_pairwise_contrastive_loss`).
 
     No other sample of the batch is used, so the loss of one pair does not depend on the rest of the batch.
-    With ``return_weights`` the alignment weights [B, L, P] are returned too.
+    With ``return_weights`` the alignment weights [B, L, P] are returned too. ``denominator``: see
+    :func:`masked_pairwise_contrastive_loss` (the count of a whole batch when these are only some of its rows).
     """
     with _no_autocast(patch_embeds.device):
         patches, tokens = _float32(patch_embeds, token_embeds)
@@ -164,8 +194,10 @@ def sparc_fine_grained_loss(
         tokens_n = F.normalize(tokens, dim=-1)
         scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=patches.device)
         logits = scale * torch.einsum("bjd,bkd->bjk", grouped, tokens_n)  # [B, L, L]: grouped j vs token k
-        loss_vl = masked_pairwise_contrastive_loss(logits, token_mask, average)
-        loss_lv = masked_pairwise_contrastive_loss(logits.transpose(1, 2), token_mask, average)
+        if denominator is None:
+            denominator = average_denominator(token_mask, average)
+        loss_vl = masked_pairwise_contrastive_loss(logits, token_mask, average, denominator)
+        loss_lv = masked_pairwise_contrastive_loss(logits.transpose(1, 2), token_mask, average, denominator)
         loss = 0.5 * (loss_vl + loss_lv)
     if return_weights:
         return loss, weights

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparc_kit.losses.distributed import _row_counts, batch_share, gather_rows, world
 from sparc_kit.registry import losses
 
 __all__ = [
@@ -38,22 +38,17 @@ SIGLIP_INIT_BIAS = -10.0
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return world()
 
 
 def gather_features(features: torch.Tensor) -> torch.Tensor:
-    """All-gather ``features`` [B, D] from every process, keeping the gradient of the local slice.
+    """All-gather ``features`` [B, D] from every process, keeping the gradient of the local slice (processes may
+    hold different numbers of rows; see :func:`~sparc_kit.losses.distributed.gather_rows`).
 
-    Only the global loss needs other processes' samples; the fine-grained loss is per sample.
+    Only the global loss and the all-pairs baselines need other processes' samples; the fine-grained loss is per
+    sample.
     """
-    rank, world = _world()
-    if world == 1:
-        return features
-    import torch.distributed.nn.functional as dist_nn
-
-    return torch.cat(dist_nn.all_gather(features), dim=0)
+    return gather_rows(features)[0]
 
 
 def global_logits(
@@ -63,18 +58,19 @@ def global_logits(
 
     With several processes and ``local_loss`` the logits are [B_local, B_global] (open_clip's local loss with
     gather-with-grad): each process contrasts its own samples against everyone's, so memory stays linear in
-    the global batch.
+    the global batch. Without ``local_loss`` every process computes the whole [B_global, B_global] matrix.
     """
     image = F.normalize(image_embeds.float(), dim=-1)
     text = F.normalize(text_embeds.float(), dim=-1)
     scale = logit_scale.float()
-    rank, world = _world()
-    if world > 1:
-        all_image, all_text = gather_features(image), gather_features(text)
+    rank, world_size = _world()
+    if world_size > 1:
+        counts = _row_counts(image.shape[0], image.device)
+        (all_image, offset), (all_text, _) = gather_rows(image, counts), gather_rows(text, counts)
         if local_loss:
             logits_i2t = scale * image @ all_text.t()
             logits_t2i = scale * text @ all_image.t()
-            targets = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
+            targets = torch.arange(image.shape[0], device=image.device) + offset
             return logits_i2t, logits_t2i, targets
         image, text = all_image, all_text
     logits_i2t = scale * image @ text.t()
@@ -86,7 +82,9 @@ def global_logits(
 class ClipLoss(nn.Module):
     """CLIP's symmetric InfoNCE on global embeddings (eq. 1): the baseline with no fine-grained term.
 
-    Memory: O(B^2) logits (O(B_local * B_global) with several processes and ``local_loss``).
+    Memory: O(B^2) logits (O(B_local * B_global) with several processes and ``local_loss``). With several
+    processes each one sums the cross-entropies of its own rows and divides by its share of the global batch
+    (:mod:`sparc_kit.losses.distributed`), so averaging gradients over processes gives the single-process loss.
     """
 
     def __init__(self, local_loss: bool = True):
@@ -96,7 +94,14 @@ class ClipLoss(nn.Module):
     def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             logits_i2t, logits_t2i, targets = global_logits(image_embeds, text_embeds, logit_scale, self.local_loss)
-            loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
+            if self.local_loss or _world()[1] == 1:  # rows are this process's samples
+                share = batch_share(image_embeds.shape[0], targets.device)
+            else:  # every process holds the whole global matrix and its whole mean
+                share = torch.tensor(float(targets.shape[0]), device=targets.device)
+            ce_sum = F.cross_entropy(logits_i2t, targets, reduction="sum") + F.cross_entropy(
+                logits_t2i, targets, reduction="sum"
+            )
+            loss = 0.5 * ce_sum / share.clamp_min(1e-12)
         with torch.no_grad():
             diag = logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale)
         return loss, diag
@@ -144,11 +149,11 @@ class SigLipLoss(nn.Module):
     that is a *model* setting here: ``model.init_temperature: 0.1`` (the default 0.07 starts at 1/0.07 = 14.3).
 
     Several processes: each process scores its own images against the texts of every process, gathered with
-    gradient by :func:`gather_features` ([B_local, B_global] logits, positives at ``rank * B_local + i``). The
-    pairs (i, j) over all processes are then each scored exactly once, and dividing by ``B_local`` makes the
-    data-parallel average of the per-process losses equal the single-process loss on the global batch (the
-    chunked form of SigLIP's Algorithm 1 computes the same sum by passing text chunks round instead of
-    gathering them). Only the single-process path is covered by tests so far.
+    gradient by :func:`gather_features` ([B_local, B_global] logits, positives at the process's offset + i). The
+    pairs (i, j) over all processes are then each scored exactly once, and dividing by the process's share of the
+    global batch (``B_global / world_size``) makes the data-parallel average of the per-process losses equal the
+    single-process loss on the global batch (the chunked form of SigLIP's Algorithm 1 computes the same sum by
+    passing text chunks round instead of gathering them). Two-process training is tested against one process.
 
     Memory: O(B^2) logits (O(B_local * B_global) with several processes).
     """
@@ -163,16 +168,16 @@ class SigLipLoss(nn.Module):
             text = F.normalize(text_embeds.float(), dim=-1)  # [B, D]
             scale = torch.as_tensor(logit_scale, device=image.device).float()
             bias = self.bias.float()
-            rank, world = _world()
-            all_text = gather_features(text) if world > 1 else text  # [B_global, D]
+            _, world_size = _world()
+            all_text, offset = gather_rows(text)  # [B_global, D]
             logits = scale * image @ all_text.t() + bias  # [B_local, B_global]
             n_local = image.shape[0]
-            targets = torch.arange(n_local, device=image.device) + rank * n_local  # [B_local]
+            targets = torch.arange(n_local, device=image.device) + offset  # [B_local]
             signs = -torch.ones_like(logits)
             signs[torch.arange(n_local, device=image.device), targets] = 1.0
-            loss = -F.logsigmoid(signs * logits).sum() / n_local
+            loss = -F.logsigmoid(signs * logits).sum() / batch_share(n_local, image.device).clamp_min(1e-12)
         with torch.no_grad():
-            if world > 1:
+            if world_size > 1:
                 logits_t2i = scale * text @ gather_features(image).t() + bias
             else:
                 logits_t2i = logits.t()
@@ -228,12 +233,14 @@ class GlobalPlusFineLoss(nn.Module):
         image_embeds: torch.Tensor,
         text_embeds: torch.Tensor,
         logit_scale: torch.Tensor,
-        fine_logits: tuple[torch.Tensor, torch.Tensor] | None = None,
+        fine_logits: tuple[torch.Tensor, ...] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The output dict: ``loss`` plus detached diagnostics.
 
-        ``fine_logits`` are the baseline's own square (image->text, text->image) logits, rows the query side,
-        for the ``fine_i2t_acc`` / ``fine_t2i_acc`` diagnostics (and for all of them when ``lambda_g == 0``).
+        ``fine_logits`` are the baseline's own (image->text, text->image) logits, rows the query side, for the
+        ``fine_i2t_acc`` / ``fine_t2i_acc`` diagnostics (and for all of them when ``lambda_g == 0``): square with
+        the positives on the diagonal, or ``(i2t, t2i, targets)`` with each row's positive column (the
+        [B_local, B_global] blocks of several processes).
         """
         if self.lambda_g != 0:
             global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
@@ -245,8 +252,12 @@ class GlobalPlusFineLoss(nn.Module):
         out = {"loss": loss, "global_loss": global_loss.detach(), "fine_loss": fine_loss.detach()}
         if fine_logits is not None:
             with torch.no_grad():
-                logits_i2t, logits_t2i = (x.detach() for x in fine_logits)
-                targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+                logits_i2t, logits_t2i = (x.detach() for x in fine_logits[:2])
+                targets = (
+                    fine_logits[2]
+                    if len(fine_logits) > 2
+                    else torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
+                )
                 fine_diag = logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale)
             out["fine_i2t_acc"] = fine_diag["i2t_acc"]
             out["fine_t2i_acc"] = fine_diag["t2i_acc"]

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from sparc_kit.losses.functional import symmetric_cross_entropy
+from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -77,8 +77,9 @@ class GloriaLoss(GlobalPlusFineLoss):
     the two terms is unchanged (the total is halved).
 
     Memory: all pairs, O(B^2 L (P + D)): the most memory-hungry baseline of the paper's cost table (at B = 4,096 it
-    needs what the others need at 16,384; SPARC trained it at B = 4,096). With several processes the negatives of
-    the local term are the local batch only.
+    needs what the others need at 16,384; SPARC trained it at B = 4,096). With several processes every process
+    gathers the patches [B, P, D] and tokens [B, L, D] of all processes (with gradient) and contrasts its own
+    samples against the whole global batch (O(B_local B_global L (P + D)) memory per process).
     """
 
     def __init__(
@@ -99,16 +100,21 @@ class GloriaLoss(GlobalPlusFineLoss):
     def fine_loss(
         self, patch_embeds, token_embeds, token_mask, logit_scale
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """GLoRIA's local loss and its (image->text, text->image) logits, each [B, B] with rows the query side."""
+        """GLoRIA's local loss and its (image->text, text->image) logits with rows the query side ([B, B];
+        [B_local, B_global] with several processes) and each row's positive column."""
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
-            match = gloria_similarities(
-                patch_embeds, token_embeds, token_mask, self.tau2, self.double_softmax, self.tau1
-            )  # [B_txt, B_img]
-            scale = torch.as_tensor(logit_scale, device=match.device).float()
-            logits_t2i = scale * match  # [B_txt, B_img]
-            logits_i2t = logits_t2i.t()  # [B_img, B_txt]
-            loss = symmetric_cross_entropy(logits_i2t, logits_t2i)
-        return loss, (logits_i2t, logits_t2i)
+            scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
+
+            def scores(images, texts):
+                match = gloria_similarities(
+                    images[0], texts[0], texts[1], self.tau2, self.double_softmax, self.tau1
+                )  # [n_txt, n_img]
+                return scale * match.t(), scale * match
+
+            loss, logits_i2t, logits_t2i, targets = pairwise_contrast(
+                scores, (patch_embeds,), (token_embeds, token_mask.bool())
+            )
+        return loss, (logits_i2t, logits_t2i, targets)
 
     def forward(
         self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -62,7 +63,8 @@ class PaclLoss(GlobalPlusFineLoss):
     gradient (see :class:`~sparc_kit.losses.filip.FilipLoss`).
 
     Memory: all pairs, O(B^2 (P + D)) (the paper's cost table: about 1.7x CLIP's memory at B = 16,384). With several
-    processes the negatives are the local batch only.
+    processes every process gathers the patches [B, P, D] and text embeddings of all processes (with gradient)
+    and contrasts its own samples against the whole global batch (O(B_local B_global (P + D)) memory per process).
     """
 
     def __init__(
@@ -79,16 +81,18 @@ class PaclLoss(GlobalPlusFineLoss):
     def fine_loss(
         self, patch_embeds, text_embeds, logit_scale
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """PACL's loss and its (image->text, text->image) logits, each [B, B] with rows the query side."""
+        """PACL's loss and its (image->text, text->image) logits with rows the query side ([B, B]; [B_local,
+        B_global] with several processes) and each row's positive column."""
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
             scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
             attn_scale = scale if self.attn_scale is None else self.attn_scale
-            phi = pacl_similarities(patch_embeds, text_embeds, attn_scale)  # [B_img, B_txt]
-            logits_i2t = scale * phi
-            logits_t2i = logits_i2t.t()
-            targets = torch.arange(logits_i2t.shape[0], device=logits_i2t.device)
-            loss = 0.5 * (F.cross_entropy(logits_i2t, targets) + F.cross_entropy(logits_t2i, targets))
-        return loss, (logits_i2t, logits_t2i)
+
+            def scores(images, texts):
+                logits = scale * pacl_similarities(images[0], texts[0], attn_scale)  # [n_img, n_txt]
+                return logits, logits.t()
+
+            loss, logits_i2t, logits_t2i, targets = pairwise_contrast(scores, (patch_embeds,), (text_embeds,))
+        return loss, (logits_i2t, logits_t2i, targets)
 
     def forward(self, image_embeds, text_embeds, patch_embeds, logit_scale, **_) -> dict[str, torch.Tensor]:
         fine, logits = self.fine_loss(patch_embeds, text_embeds, logit_scale)

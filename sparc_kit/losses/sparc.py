@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from sparc_kit.losses.functional import sparc_fine_grained_loss
+from sparc_kit.losses.functional import average_denominator, sparc_fine_grained_loss
 from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss
 from sparc_kit.registry import losses
 
@@ -61,7 +61,7 @@ class SparcLoss(ClipLoss):
             return self.siglip.global_loss(image_embeds, text_embeds, logit_scale)
         return super().global_loss(image_embeds, text_embeds, logit_scale)
 
-    def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale, return_weights=False):
+    def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale, return_weights=False, denominator=None):
         return sparc_fine_grained_loss(
             patch_embeds,
             token_embeds,
@@ -71,12 +71,34 @@ class SparcLoss(ClipLoss):
             average=self.average,
             weighting=self.weighting,
             return_weights=return_weights,
+            denominator=denominator,
         )
 
     def forward(
-        self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_
+        self,
+        image_embeds,
+        text_embeds,
+        patch_embeds,
+        token_embeds,
+        token_mask,
+        logit_scale,
+        live_rows: slice | None = None,
+        **_,
     ) -> dict[str, torch.Tensor]:
+        """The loss of the batch. ``live_rows`` (gradient accumulation): only those rows carry gradient, the rest
+        are cached features; the per-sample fine-grained term is then computed on those rows alone, divided by
+        the count of the whole batch, so the micro-batches' terms add up to the whole batch's (diagnostics are
+        left to the caller's pass over the whole batch)."""
         global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+        if live_rows is not None:
+            denominator = average_denominator(token_mask, self.average)
+            rows = (patch_embeds[live_rows], token_embeds[live_rows], token_mask[live_rows])
+            fine_loss = self.fine_loss(*rows, logit_scale, denominator=denominator)
+            return {
+                "loss": self.lambda_g * global_loss + self.lambda_f * fine_loss,
+                "global_loss": global_loss.detach(),
+                "fine_loss": fine_loss.detach(),
+            }
         fine_loss, weights = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale, True)
         out = {
             "loss": self.lambda_g * global_loss + self.lambda_f * fine_loss,

@@ -106,7 +106,8 @@ class DualEncoder(nn.Module):
 
     @property
     def logit_scale(self) -> torch.Tensor:
-        return self.log_logit_scale.clamp(0.0, self.max_log_logit_scale).exp()
+        # reshape: a 0-dim result also when an engine stores the parameter as [1] (DeepSpeed, see engines/)
+        return self.log_logit_scale.clamp(0.0, self.max_log_logit_scale).exp().reshape(())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)

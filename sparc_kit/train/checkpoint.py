@@ -5,13 +5,18 @@ Layout of ``RUN/checkpoints/step_00000200/``:
 - ``model.safetensors``: the model weights (no pickle a user must trust);
 - ``loss.safetensors``: the loss's own parameters, for losses that have some (SigLIP's bias, MGCA's
   cross-attention);
-- ``trainer.pt``: optimizer state and RNG state, tensors and plain containers only, read back with
-  ``torch.load(weights_only=True)``;
+- ``trainer.pt``: optimizer state (``local`` and ``ddp``) and every process's RNG state, tensors and plain
+  containers only, read back with ``torch.load(weights_only=True)``;
+- ``deepspeed/``: DeepSpeed's own checkpoint (each process's ZeRO partition of weights and optimizer state),
+  for runs of the ``deepspeed`` engine; ``model.safetensors`` beside it holds the consolidated fp32 weights;
 - ``state.json``: step, samples seen (the data position), the time trained, the bad-sample and truncation
-  counts, and the data-loader worker count (a streaming dataset's order depends on it).
+  counts, the data-loader worker count (a streaming dataset's order depends on it), the engine, the number of
+  processes and the accumulation steps.
 
-A checkpoint is written into a hidden temporary folder and renamed into place, then ``checkpoints/latest`` is
-replaced (temporary file, then rename): a crash at any moment leaves the previous checkpoint usable.
+A checkpoint is written into a hidden temporary folder (``.tmp-step_N``, the same name on every process, so
+all of them write their parts into it) and renamed into place by rank 0 once every process is done, then
+``checkpoints/latest`` is replaced (temporary file, then rename): a crash or SIGKILL at any moment leaves the
+previous checkpoint usable, and a stale temporary folder is removed by the next save.
 """
 
 from __future__ import annotations
@@ -27,7 +32,18 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointInfo", "load_model_weights"]
+__all__ = [
+    "save_checkpoint",
+    "save_train_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_state",
+    "latest_checkpoint",
+    "CheckpointInfo",
+    "load_model_weights",
+    "load_module_weights",
+    "write_safetensors",
+    "step_folder_name",
+]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -37,6 +53,27 @@ class CheckpointInfo:
     path: str
     step: int
     state: dict[str, Any]
+
+
+def step_folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_safetensors(path: str, weights: dict[str, torch.Tensor], step: int | None = None) -> None:
+    """``weights`` as a safetensors file, written to a temporary name and renamed into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        metadata = {"format": "pt"} if step is None else {"format": "pt", "step": str(step)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -61,7 +98,7 @@ def save_checkpoint(
     ``extra_modules`` (e.g. ``{"loss": loss_fn}``) are saved as ``NAME.safetensors`` when they hold tensors.
     """
     os.makedirs(root, exist_ok=True)
-    name = f"step_{step:08d}"
+    name = step_folder_name(step)
     final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
@@ -82,6 +119,72 @@ def save_checkpoint(
     _atomic_write_text(os.path.join(root, "latest"), name + "\n")
     _prune(root, keep)
     return final
+
+
+def _split(weights: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A train module's state dict (``model.*``, ``loss.*``) as one state dict per file."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "loss": {}}
+    for key, value in weights.items():
+        head, _, rest = key.partition(".")
+        parts.setdefault(head, {})[rest] = value
+    return parts
+
+
+def save_train_checkpoint(
+    root: str,
+    step: int,
+    engine: Any,
+    state: dict[str, Any],
+    rng_state: dict[str, torch.Tensor],
+    keep: int = 2,
+) -> str:
+    """Write checkpoint ``step`` of a run through its engine; every process calls it (it is collective).
+
+    The engine consolidates the weights (``full_state_dict``) and writes its own state (``save``: the optimizer,
+    or DeepSpeed's partitions); rank 0 writes the safetensors files, ``trainer.pt`` and ``state.json``, then
+    renames the folder into place. ``rng_state`` is this process's; all of them are kept.
+    """
+    name = step_folder_name(step)
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp-{name}")
+    if engine.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    engine.barrier()
+    try:
+        weights = engine.full_state_dict()
+        rngs = engine.gather_objects(rng_state)
+        trainer = engine.save(tmp)
+        engine.barrier()  # every process's part is on disk
+        if engine.is_main:
+            for part, tensors in _split(weights).items():
+                if tensors or part == "model":
+                    write_safetensors(os.path.join(tmp, f"{part}.safetensors"), tensors, step)
+            torch.save({**trainer, "rng": rngs}, os.path.join(tmp, "trainer.pt"))
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump({"step": step, **state}, f, indent=1)
+            os.chmod(tmp, 0o755)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write_text(os.path.join(root, "latest"), name + "\n")
+            _prune(root, keep)
+    except BaseException:
+        if engine.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    engine.barrier()
+    return final
+
+
+def read_checkpoint_state(path: str) -> dict[str, Any]:
+    """A checkpoint's ``state.json`` and ``trainer.pt`` (as ``state["trainer"]``), without touching weights."""
+    trainer_state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    state["trainer"] = trainer_state
+    return state
 
 
 def _complete(path: str) -> bool:
@@ -123,6 +226,14 @@ def load_model_weights(model: torch.nn.Module, path: str) -> None:
             f"checkpoint {file} does not fit this model: missing {sorted(missing)[:5]}, unexpected "
             f"{sorted(unexpected)[:5]} (was it trained with another model section of the recipe?)"
         )
+
+
+def load_module_weights(module: torch.nn.Module, path: str) -> None:
+    """Load a checkpoint folder's ``model.safetensors`` (and ``loss.safetensors``) into a train module
+    (``module.model``, ``module.loss``), strictly."""
+    load_model_weights(module.model, path)
+    if module.loss.state_dict():
+        load_model_weights(module.loss, os.path.join(path, "loss.safetensors"))
 
 
 def load_checkpoint(

@@ -9,14 +9,20 @@
   ``lr``, ``grad_norm``, ``samples_per_s``, ``samples_seen``, ``skipped_samples``, ``truncated_captions``,
   ``elapsed_s``, and ``eval/NAME/METRIC`` at the steps the recipe's evaluations run);
 - ``checkpoints/step_N/``: see :mod:`sparc_kit.train.checkpoint`.
+
+The loop keeps one :class:`~sparc_kit.train.state.TrainState` and calls one
+:func:`~sparc_kit.train.step.train_step` per step; everything about devices and processes is the engine's
+(:mod:`sparc_kit.engines`). With several processes only rank 0 writes the run folder (recipe, tokenizer,
+metrics, progress, the checkpoint's files) and evaluates; every process reads the same checkpoint back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
+import pickle
+import signal
 import sys
 import time
 import warnings
@@ -28,11 +34,17 @@ import yaml
 
 from sparc_kit.config import dump_recipe, load_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
+from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, param_groups
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
+from sparc_kit.evaluate.runner import evaluations_due
+from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
-from sparc_kit.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sparc_kit.train.checkpoint import latest_checkpoint, read_checkpoint_state, save_train_checkpoint
+from sparc_kit.train.module import TrainModule
 from sparc_kit.train.schedule import lr_factor
+from sparc_kit.train.state import TrainState
+from sparc_kit.train.step import NonFiniteLossError, train_step
 
 __all__ = [
     "train",
@@ -44,26 +56,18 @@ __all__ = [
     "TooManyBadSamplesError",
     "build_tokenizer",
     "build_loss",
+    "build_engine",
     "read_metrics",
 ]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; nothing of that step was applied."""
-
-    def __init__(self, step: int, value: float, last_finite_step: int | None):
-        self.step, self.value, self.last_finite_step = step, value, last_finite_step
-        since = f"; last finite loss at step {last_finite_step}" if last_finite_step is not None else ""
-        super().__init__(
-            f"loss is {value} at step {step}{since}. The update was not applied and the last checkpoint is intact; "
-            "try a lower optim.lr, train.precision=fp32 or a smaller model.init_temperature range"
-        )
 
 
 class TrainingInterrupted(RuntimeError):
     def __init__(self, step: int, out_dir: str):
         self.step, self.out_dir = step, out_dir
         super().__init__(f"interrupted after step {step}; checkpoint saved in {out_dir}; run again to resume")
+
+    def __reduce__(self):
+        return (TrainingInterrupted, (self.step, self.out_dir))
 
 
 class RunFolderBusyError(RuntimeError):
@@ -119,7 +123,7 @@ def build_loss(recipe: Any) -> torch.nn.Module:
     return entry.build(recipe.loss, **extra)
 
 
-def build_engine(recipe: Any):
+def build_engine(recipe: Any) -> Engine:
     """The recipe's engine, told the device and precision of the ``train`` section."""
     return engines.get(recipe.engine.name).build(
         recipe.engine, device=recipe.train.device, precision=recipe.train.precision
@@ -226,17 +230,6 @@ def _ckpt_step(root: str) -> int:
     return int(os.path.basename(path).split("_")[1]) if path else 0
 
 
-def _param_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norms and the temperature are not decayed (CLIP / open_clip practice)."""
-    decay, no_decay = [], []
-    named = [item for module in modules for item in module.named_parameters()]
-    for name, p in named:
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -303,6 +296,72 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# several processes: rank 0 does the run folder's work, and everyone learns how it went
+
+
+class FromMainProcess(RuntimeError):
+    """An error rank 0 met that cannot travel to the other processes as itself (it did not pickle)."""
+
+
+def _portable(exc: BaseException) -> BaseException:
+    try:
+        clone = pickle.loads(pickle.dumps(exc))
+        if type(clone) is type(exc) and str(clone) == str(exc):
+            return exc
+    except Exception:
+        pass
+    return FromMainProcess(str(exc))
+
+
+def _on_main(engine: Engine, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 only; every process returns its result or raises its error (so no process waits for
+    a rank 0 that has given up). Errors raised on the other processes carry ``from_main = True``."""
+    if engine.world_size == 1:
+        return fn()
+    result, error = None, None
+    if engine.is_main:
+        try:
+            result = fn()
+        except Exception as exc:  # re-raised below, on every process
+            error = exc
+    error, result = engine.broadcast_object((_portable(error) if error is not None else None, result))
+    if error is not None:
+        if not engine.is_main:
+            error.from_main = True
+        raise error
+    return result
+
+
+class _StopSignals:
+    """With several processes, SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping the job)
+    ask for a stop at the end of the current step: the processes agree on it in that step's all-reduce, save a
+    checkpoint together and exit. A second SIGINT stops at once."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.requested, self.previous = enabled, False, {}
+
+    def __enter__(self):
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError):  # not the main thread
+                    self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def train(
     recipe: Any,
     out_dir: str,
@@ -312,30 +371,33 @@ def train(
 ) -> TrainResult:
     """Train ``recipe`` into ``out_dir``, resuming from its newest checkpoint.
 
-    ``callback(step, values)`` is called at the end of every step, after logging and checkpointing (for tests
-    and notebooks). Ctrl-C saves a checkpoint of the last completed step and raises
-    :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLossError` before the update is
-    applied. The run folder is locked for the duration (:class:`RunFolderBusyError` for a second trainer).
+    Every process of a multi-process run calls this with the same arguments (``sparc train --nproc``, torchrun,
+    srun: the engine finds its process group). ``callback(step, values)`` is called at the end of every step,
+    after logging and checkpointing (for tests and notebooks). Ctrl-C saves a checkpoint of the last completed
+    step and raises :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLossError` before the
+    update is applied. The run folder is locked for the duration (:class:`RunFolderBusyError` for a second
+    trainer).
     """
     if not hasattr(recipe, "model"):
         recipe = load_recipe(recipe)
-    os.makedirs(out_dir, exist_ok=True)
-    with _run_lock(out_dir):
-        return _train(recipe, out_dir, progress, callback)
+    engine = build_engine(recipe)  # fails before the run folder is touched (e.g. DeepSpeed not installed)
+    try:
+        engine.start()
+        layout = BatchLayout(recipe.train.batch_size, engine.world_size, recipe.train.accum_steps)
+        lock = contextlib.ExitStack()
+        _on_main(engine, lambda: (os.makedirs(out_dir, exist_ok=True), lock.enter_context(_run_lock(out_dir))))
+        with lock:
+            return _train(recipe, out_dir, engine, layout, progress, callback)
+    finally:
+        engine.close()
 
 
-def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
-    t0 = time.perf_counter()
-    cfg_train, cfg_optim = recipe.train, recipe.optim
+def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None) -> None:
+    """Rank 0's part of starting a run: checks, the tokenizer and ``recipe.yaml``."""
     if recipe.eval:
         check_eval_data(recipe.eval)
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    ckpt_path = latest_checkpoint(ckpt_root)
     if ckpt_path:
         _check_resume(out_dir, recipe)
-
-    torch.manual_seed(cfg_train.seed)
-    dataset = build_dataset(recipe)
     tokenizer = build_tokenizer(recipe, dataset, out_dir if ckpt_path else None)
     if tokenizer.vocab_size > recipe.tokenizer.vocab_size:
         raise ValueError(
@@ -345,161 +407,241 @@ def _train(recipe: Any, out_dir: str, progress: bool, callback) -> TrainResult:
     with open(os.path.join(out_dir, "recipe.yaml.tmp"), "w") as f:
         f.write(dump_recipe(recipe))
     os.replace(os.path.join(out_dir, "recipe.yaml.tmp"), os.path.join(out_dir, "recipe.yaml"))
-
-    model = build_model(recipe)
-    loss_fn = build_loss(recipe)
-    engine = build_engine(recipe)
-    model.to(engine.device)
-    loss_fn.to(engine.device)  # some losses own parameters (SigLIP's bias, MGCA's cross-attention)
-    optimizer = torch.optim.AdamW(
-        _param_groups([model, loss_fn], cfg_optim.weight_decay),
-        lr=cfg_optim.lr,
-        betas=cfg_optim.betas,
-        eps=cfg_optim.eps,
-    )
-    model = engine.prepare(model, optimizer)
-
-    start_step, samples_seen, trained_s = 0, 0, 0.0
-    counts = {"read": 0, "skipped": 0, "truncated": 0}  # samples used, unreadable ones skipped, captions cut
     if ckpt_path:
-        info = load_checkpoint(ckpt_path, model, {"loss": loss_fn})
-        optimizer.load_state_dict(info.state["trainer"]["optimizer"])
-        _set_rng_state(info.state["trainer"]["rng"])
-        start_step, samples_seen = info.step, int(info.state["samples_seen"])
-        trained_s = float(info.state.get("trained_s", 0.0))
-        counts.update(info.state.get("counts", {}))
-        started_workers = info.state.get("num_workers", cfg_train.num_workers)
-        if isinstance(dataset, torch.utils.data.IterableDataset) and started_workers != cfg_train.num_workers:
+        _truncate_metrics(out_dir, _ckpt_step(os.path.dirname(ckpt_path)))
+    elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
+        _truncate_metrics(out_dir, 0)
+
+
+def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dataset: Any, out_dir: str) -> None:
+    """What a checkpoint of another engine, process count or worker count can and cannot be resumed with."""
+    old_engine = saved.get("engine", "local")
+    old_world = int(saved.get("world_size", 1))
+    torch_format = {"local", "ddp"}
+    if (old_engine in torch_format) != (engine.name in torch_format):
+        raise ResumeMismatchError(
+            f"run folder {out_dir} was trained with engine {old_engine!r}, whose checkpoints engine "
+            f"{engine.name!r} cannot resume; resume with --set engine.name={old_engine}, or use a new --out"
+        )
+    if engine.name == "deepspeed" and old_engine == "deepspeed":
+        old_stage = saved.get("zero_stage")
+        if old_world != engine.world_size or (old_stage is not None and old_stage != recipe.engine.zero_stage):
+            raise ResumeMismatchError(
+                f"run folder {out_dir} holds a DeepSpeed ZeRO-{old_stage} checkpoint of {old_world} processes; "
+                f"resume it with {old_world} processes (--nproc {old_world}) and engine.zero_stage={old_stage}, "
+                "or use a new --out"
+            )
+    started_workers = saved.get("num_workers", recipe.train.num_workers)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        if started_workers != recipe.train.num_workers:
             raise ResumeMismatchError(
                 f"run folder {out_dir} was trained with train.num_workers={started_workers}; a streaming dataset's "
                 f"sample order depends on it, so resume with --set train.num_workers={started_workers}"
             )
-        _truncate_metrics(out_dir, start_step)
-    elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        _truncate_metrics(out_dir, 0)
+        if old_world != engine.world_size:
+            raise ResumeMismatchError(
+                f"run folder {out_dir} was trained by {old_world} process(es) on a streaming dataset, whose sample "
+                f"order depends on the process count; resume with {old_world} process(es)"
+            )
+
+
+def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, max_skip: float):
+    """The next usable batch, all processes together. A batch whose every sample on some process was
+    unreadable is counted and passed over by every process (they must step together)."""
+    counts = {"read": 0, "skipped": 0, "truncated": 0}
+    while True:
+        batch = next(batches)
+        state.samples_seen += global_batch  # the stream position: every batch taken counts, usable or not
+        local = torch.tensor(
+            [batch["images"].shape[0], int(batch.pop("skipped")), int(batch.pop("truncated")),
+             float(batch["images"].shape[0] == 0)]
+        )
+        if engine.world_size > 1:
+            local = engine.all_reduce_mean(local) * engine.world_size
+        read, skipped, truncated, empty = (int(round(float(v))) for v in local)
+        for key, value in (("read", read), ("skipped", skipped), ("truncated", truncated)):
+            state.counts[key] += value
+            counts[key] += value
+        _check_skips(state.counts, max_skip, state.step + 1)
+        if not empty:
+            return batch
+
+
+def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback) -> TrainResult:
+    t0 = time.perf_counter()
+    cfg_train, cfg_optim = recipe.train, recipe.optim
+    if not engine.is_main:
+        warnings.simplefilter("ignore")  # rank 0 speaks for the run
+    ckpt_root = os.path.join(out_dir, "checkpoints")
+    ckpt_path = engine.broadcast_object(latest_checkpoint(ckpt_root) if engine.is_main else None)
+
+    torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
+    dataset = build_dataset(recipe)
+    _on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path))
+    tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
+
+    model = build_model(recipe)
+    module = TrainModule(model, build_loss(recipe))  # some losses own parameters (SigLIP's bias, MGCA's attention)
+    optimizer = OptimizerSpec(
+        param_groups(module, cfg_optim.weight_decay),
+        lr=cfg_optim.lr,
+        betas=tuple(cfg_optim.betas),
+        eps=cfg_optim.eps,
+        weight_decay=cfg_optim.weight_decay,
+    )
+    engine.setup(module, optimizer, layout, cfg_optim.grad_clip)
+
+    state = TrainState()
+    if ckpt_path:
+        saved = read_checkpoint_state(ckpt_path)
+        _check_engine_resume(saved, recipe, engine, dataset, out_dir)
+        engine.load(ckpt_path, saved["trainer"])
+        rngs = saved["trainer"]["rng"]
+        rngs = rngs if isinstance(rngs, list) else [rngs]  # one state before multi-process runs
+        _set_rng_state(rngs[engine.rank] if engine.rank < len(rngs) else rngs[0])
+        state = TrainState.from_json(saved)
+    start_step = state.step
 
     total = cfg_train.steps
-    global_batch = cfg_train.batch_size * engine.world_size
+    global_batch = layout.global_batch
     image_size = getattr(model.vision, "image_size", None) or recipe.model.vision.image_size
     loader = make_train_loader(
         dataset,
         Collate(tokenizer, image_size),
-        cfg_train.batch_size,
+        layout.per_rank,
         seed=cfg_train.seed,
-        samples_seen=samples_seen,
+        samples_seen=state.samples_seen,
         rank=engine.rank,
         world_size=engine.world_size,
         num_workers=cfg_train.num_workers,
     )
+    committed = TrainState(**{**state.__dict__, "counts": dict(state.counts)})  # what a checkpoint records
+    t_loop = time.perf_counter()
 
-    def checkpoint(step: int) -> None:
-        if engine.is_main:
-            save_checkpoint(
-                ckpt_root,
-                step,
-                model,
-                {"optimizer": optimizer.state_dict(), "rng": _rng_state()},
-                {
-                    "samples_seen": position,
-                    "trained_s": trained_s + time.perf_counter() - t_loop,
-                    "counts": committed_counts,
-                    "num_workers": cfg_train.num_workers,
-                },
-                keep=cfg_train.keep_checkpoints,
-                extra_modules={"loss": loss_fn},
-            )
+    def checkpoint(step_state: TrainState) -> None:
+        save_train_checkpoint(
+            ckpt_root,
+            step_state.step,
+            engine,
+            {
+                **step_state.to_json(),
+                "trained_s": step_state.trained_s + time.perf_counter() - t_loop,
+                "num_workers": cfg_train.num_workers,
+                "engine": engine.name,
+                "world_size": engine.world_size,
+                "accum_steps": layout.accum_steps,
+                **({"zero_stage": recipe.engine.zero_stage} if engine.name == "deepspeed" else {}),
+            },
+            _rng_state(),
+            keep=cfg_train.keep_checkpoints,
+        )
+
+    eval_model: list[torch.nn.Module] = []  # the fp32 copy evaluated when the engine shards or casts weights
+
+    def evaluate(step: int) -> dict[str, Any]:
+        final = step == total
+        if not evaluations_due(recipe.eval, step, final):
+            return {}
+        if engine.module_holds_full_weights:
+            target = engine.unwrap().model
+        else:
+            weights = engine.full_state_dict()  # collective
+            if engine.is_main:
+                if not eval_model:
+                    with torch.random.fork_rng(devices=[]):
+                        eval_model.append(build_model(recipe).to(engine.device))
+                eval_model[0].load_state_dict({k[6:]: v for k, v in weights.items() if k.startswith("model.")})
+            target = eval_model[0] if eval_model else None
+
+        def run() -> dict[str, Any]:
+            # no collective inside, and no draw from the training RNG (a resumed run must draw the same)
+            with local_only(), torch.random.fork_rng(devices=[]):
+                return evaluate_during_training(target, tokenizer, recipe.eval, step, final=final)
+
+        return _on_main(engine, run) or {}
 
     reporter = _Reporter(total, start_step, progress and engine.is_main)
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if engine.is_main else None
     window: dict[str, float] = {}
-    window_n, window_t0, last_finite = 0, time.perf_counter(), None
-    t_loop = time.perf_counter()
-    step = start_step
-    position, committed_counts = samples_seen, dict(counts)
+    window_n, window_t0 = 0, time.perf_counter()
     in_update = False
-    model.train()
-    loss_fn.train()
+    module.train()
+    stop = _StopSignals(engine.world_size > 1)
     try:
-        batches = iter(loader)
-        while step < total:
-            lr = cfg_optim.lr * lr_factor(step, total, cfg_optim.warmup_steps, cfg_optim.schedule, cfg_optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = next(batches)
-            samples_seen += global_batch  # the stream position: every batch taken counts, usable or not
-            while True:  # a batch whose every sample was unreadable is counted, then the next one is taken
-                counts["skipped"] += int(batch.pop("skipped"))
-                counts["truncated"] += int(batch.pop("truncated"))
-                counts["read"] += batch["images"].shape[0]
-                _check_skips(counts, cfg_train.max_skip_fraction, step + 1)
-                if batch["images"].shape[0]:
-                    break
-                batch = next(batches)
-                samples_seen += global_batch
-            batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
-            with engine.autocast():
-                out = model(**batch)
-                terms = loss_fn(**out)
-            loss = terms["loss"]
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(step + 1, loss_value, last_finite)
-            in_update = True  # an interrupt from here until the step is counted must not be checkpointed
-            engine.backward(loss)
-            grad_norm = engine.step(cfg_optim.grad_clip)
-            step += 1
-            position = samples_seen  # the stream position after this step, as a checkpoint records it
-            committed_counts = dict(counts)
-            in_update = False
-            last_finite = step
-            values = {k: float(v.detach()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
-            values["grad_norm"] = float(grad_norm)
-            for k, v in values.items():
-                window[k] = window.get(k, 0.0) + v
-            window_n += 1
-            row = None
-            evals = {}
-            if recipe.eval and engine.is_main:
-                t_eval = time.perf_counter()
-                evals = evaluate_during_training(model, tokenizer, recipe.eval, step, final=step == total)
-                window_t0 += time.perf_counter() - t_eval  # evaluation time does not count against samples/s
-            if step % cfg_train.log_every == 0 or step == total or evals:
-                now = time.perf_counter()
-                row = {"step": step, **{k: v / window_n for k, v in window.items()}, **evals}
-                row.update(
-                    lr=lr,
-                    samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
-                    samples_seen=position,
-                    skipped_samples=committed_counts["skipped"],
-                    truncated_captions=committed_counts["truncated"],
-                    elapsed_s=round(trained_s + now - t_loop, 3),
+        with stop:
+            batches = iter(loader)
+            while state.step < total:
+                lr = cfg_optim.lr * lr_factor(
+                    state.step, total, cfg_optim.warmup_steps, cfg_optim.schedule, cfg_optim.min_lr_ratio
                 )
-                if metrics_file is not None:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                window, window_n, window_t0 = {}, 0, now
-            elapsed = time.perf_counter() - t_loop
-            eta = elapsed / max(step - start_step, 1) * (total - step)
-            reporter.update(step, row, eta)
-            if step % cfg_train.checkpoint_every == 0 or step == total:
-                checkpoint(step)
-            if callback is not None:
-                callback(step, values)
+                engine.set_lr(lr)
+                batch = _next_batch(batches, engine, state, global_batch, cfg_train.max_skip_fraction)
+                batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
+                in_update = True  # an interrupt from here until the step is counted must not be checkpointed
+                result = train_step(
+                    engine,
+                    batch,
+                    accum_steps=layout.accum_steps,
+                    grad_clip=cfg_optim.grad_clip,
+                    step=state.step + 1,
+                    last_finite=state.last_finite,
+                    extras={"stop": float(stop.requested)},
+                )
+                state.step += 1
+                state.last_finite = state.step
+                committed = TrainState(**{**state.__dict__, "counts": dict(state.counts)})
+                in_update = False
+                values = dict(result.values)
+                values["grad_norm"] = result.grad_norm
+                for k, v in values.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                step = state.step
+                t_eval = time.perf_counter()
+                evals = evaluate(step) if recipe.eval else {}
+                if evals:
+                    window_t0 += time.perf_counter() - t_eval  # evaluation time does not count against samples/s
+                row = None
+                if step % cfg_train.log_every == 0 or step == total or evals:
+                    now = time.perf_counter()
+                    row = {"step": step, **{k: v / window_n for k, v in window.items()}, **evals}
+                    row.update(
+                        lr=lr,
+                        samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
+                        samples_seen=state.samples_seen,
+                        skipped_samples=state.counts["skipped"],
+                        truncated_captions=state.counts["truncated"],
+                        elapsed_s=round(state.trained_s + now - t_loop, 3),
+                    )
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(row) + "\n")
+                        metrics_file.flush()
+                    window, window_n, window_t0 = {}, 0, now
+                elapsed = time.perf_counter() - t_loop
+                eta = elapsed / max(step - start_step, 1) * (total - step)
+                reporter.update(step, row, eta)
+                stopping = result.extras.get("stop", 0.0) > 0
+                if step % cfg_train.checkpoint_every == 0 or step == total or stopping:
+                    checkpoint(committed)
+                if stopping:
+                    raise TrainingInterrupted(step, out_dir)
+                if callback is not None:
+                    callback(step, values)
     except KeyboardInterrupt:
         reporter.close()
-        if in_update:  # weights may be half-updated: the newest checkpoint is the one to resume from
+        if in_update or engine.world_size > 1:  # weights may be half-updated; or the others are mid-step
             raise TrainingInterrupted(_ckpt_step(ckpt_root), out_dir) from None
-        if step > start_step:
-            checkpoint(step)
-        raise TrainingInterrupted(step, out_dir) from None
+        if committed.step > start_step:
+            checkpoint(committed)
+        raise TrainingInterrupted(committed.step, out_dir) from None
     finally:
         reporter.close()
         if metrics_file is not None:
             metrics_file.close()
-    rows = read_metrics(out_dir)
+    rows = read_metrics(out_dir) if engine.is_main else []
     return TrainResult(
         out_dir=out_dir,
-        steps=step,
+        steps=state.step,
         resumed_from=start_step if ckpt_path else None,
         first_loss=rows[0]["loss"] if rows else None,
         final_loss=rows[-1]["loss"] if rows else None,

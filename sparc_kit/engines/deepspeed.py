@@ -1,0 +1,444 @@
+"""DeepSpeed ZeRO stages 0-3 with optimizer and parameter offload, behind the same engine interface.
+
+The DeepSpeed config is generated from the recipe (global batch, micro-batch, accumulation, clipping, bf16,
+ZeRO stage, offload, optimizer); ``engine.config`` passes any other raw DeepSpeed key through, and a raw key that
+contradicts what the recipe already sets is a recipe error (:func:`check_recipe`). DeepSpeed is imported only
+when a run uses this engine (the ``deepspeed`` extra: ``pip install 'sparc-kit[deepspeed]'``).
+
+Checkpoints go through DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` (each rank writes its
+partition under ``step_N/deepspeed/``); rank 0 also writes the consolidated fp32 weights as ``model.safetensors``
+at every checkpoint, so ``load_pretrained`` and ``sparc eval`` read a ZeRO-3 run like any other.
+:func:`consolidate_zero_checkpoint` rebuilds that file from the partitions alone, without a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import warnings
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn as nn
+
+from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec
+from sparc_kit.registry import engines
+
+__all__ = ["DeepSpeedEngine", "deepspeed_config", "check_recipe", "consolidate_zero_checkpoint", "DS_TAG"]
+
+DS_TAG = "state"  # the tag of DeepSpeed's checkpoint inside a step folder: step_N/deepspeed/state/
+DS_FOLDER = "deepspeed"
+SCALARS_FILE = "sparc_scalar_params.json"  # the 0-dim parameters the engine gave shape [1] (see _lift_scalars)
+
+#: Generated keys and the recipe field that decides them: a raw ``engine.config`` key under one of these must
+#: agree with the generated value (or, where the generated config has nothing there, is refused).
+OWNED_KEYS = {
+    "train_batch_size": "train.batch_size",
+    "train_micro_batch_size_per_gpu": "train.batch_size / (processes x train.accum_steps)",
+    "gradient_accumulation_steps": "train.accum_steps",
+    "gradient_clipping": "optim.grad_clip",
+    "bf16": "train.precision",
+    "fp16": "train.precision (fp16 is not supported; use bf16)",
+    "zero_optimization.stage": "engine.zero_stage",
+    "zero_optimization.offload_optimizer": "engine.offload_optimizer",
+    "zero_optimization.offload_param": "engine.offload_params",
+    "optimizer": "optim.* and engine.optimizer_impl",
+    "scheduler": "optim.schedule and optim.warmup_steps (the loop sets the learning rate every step)",
+}
+
+
+def _uses_ds_optimizer(impl: str) -> bool:
+    return impl == "deepspeed" or (impl == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(
+    *,
+    global_batch: int,
+    world_size: int | None,
+    accum_steps: int,
+    grad_clip: float | None,
+    precision: str,
+    zero_stage: int,
+    offload_optimizer: bool,
+    offload_params: bool,
+    optimizer: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The DeepSpeed config a recipe implies (``world_size=None``: without the keys that depend on it).
+
+    ``optimizer``: ``{lr, betas, eps, weight_decay}`` when DeepSpeed builds the optimizer itself (its fused Adam,
+    or its CPU Adam when the optimizer is offloaded); None when the engine hands it a torch AdamW.
+    """
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_batch_size": global_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": False},
+        "zero_optimization": zero,
+    }
+    if world_size is not None:
+        cfg["train_micro_batch_size_per_gpu"] = global_batch // (world_size * accum_steps)
+    if optimizer is not None:
+        cfg["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": optimizer["lr"],
+                "betas": list(optimizer["betas"]),
+                "eps": optimizer["eps"],
+                "weight_decay": optimizer["weight_decay"],
+            },
+        }
+    return cfg
+
+
+# settings of ours that are not the recipe's business (logging, the untested-optimizer guard for a torch AdamW)
+_HOUSEKEEPING = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True}
+
+
+_BY_LENGTH = sorted(OWNED_KEYS, key=len, reverse=True)  # the most specific owner first
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path + ".")
+        else:
+            yield path, value
+
+
+def _lookup(tree: dict[str, Any], path: str) -> tuple[bool, Any]:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def conflicts(raw: dict[str, Any], generated: dict[str, Any]) -> list[str]:
+    """One line per raw key that contradicts the generated config (see :data:`OWNED_KEYS`)."""
+    problems = []
+    for path, value in _leaves(raw):
+        owner = next((k for k in _BY_LENGTH if path == k or path.startswith(k + ".")), None)
+        present, generated_value = _lookup(generated, path)
+        if present:
+            same = generated_value == value or (
+                isinstance(value, (int, float)) and isinstance(generated_value, (int, float)) and value == generated_value
+            )
+            if not same:
+                field = OWNED_KEYS.get(owner, "the recipe") if owner else "the recipe"
+                problems.append(
+                    f"engine.config.{path}: {value!r} contradicts {field} (which gives {generated_value!r}); "
+                    f"set {field.split(' ')[0]} instead of the raw DeepSpeed key"
+                )
+        elif owner is not None:
+            subtree_present, _ = _lookup(generated, owner)
+            if not subtree_present:
+                problems.append(
+                    f"engine.config.{path}: DeepSpeed's {owner!r} is decided by {OWNED_KEYS[owner]}; set that "
+                    "instead of the raw key"
+                )
+    return problems
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _settings_problems(zero_stage: int, offload_optimizer: bool, offload_params: bool) -> list[str]:
+    problems = []
+    if offload_params and zero_stage != 3:
+        problems.append(
+            f"engine.offload_params: parameter offload needs engine.zero_stage=3 (got {zero_stage}); "
+            "set engine.zero_stage=3 or engine.offload_params=false"
+        )
+    if offload_optimizer and zero_stage == 0:
+        problems.append(
+            "engine.offload_optimizer: optimizer offload needs ZeRO (engine.zero_stage 1, 2 or 3, got 0)"
+        )
+    return problems
+
+
+def check_recipe(recipe: Any) -> list[str]:
+    """The recipe-level problems of a DeepSpeed run: impossible offload settings and raw ``engine.config`` keys
+    that contradict the generated config."""
+    e = recipe.engine
+    problems = _settings_problems(e.zero_stage, e.offload_optimizer, e.offload_params)
+    o = recipe.optim
+    generated = deepspeed_config(
+        global_batch=recipe.train.batch_size,
+        world_size=None,
+        accum_steps=recipe.train.accum_steps,
+        grad_clip=o.grad_clip,
+        precision=recipe.train.precision,
+        zero_stage=e.zero_stage,
+        offload_optimizer=e.offload_optimizer,
+        offload_params=e.offload_params,
+        optimizer=dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+        if _uses_ds_optimizer(e.optimizer_impl)
+        else None,
+    )
+    return problems + conflicts(dict(e.config or {}), generated)
+
+
+def _skip_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory collective op on every CPU ``initialize`` (about 35 s the first
+    time); gloo does the same job, so unless ``engine.shm_comm`` asks for it the build is skipped."""
+    import sys
+
+    module = sys.modules.get("deepspeed.comm.torch")
+    if module is not None and hasattr(module, "build_shm_op"):
+        module.build_shm_op = lambda: None
+
+
+def _lift_scalars(module: nn.Module) -> dict[str, torch.Size]:
+    """Give every 0-dim parameter (the learned temperature, SigLIP's bias) the shape [1], in place.
+
+    DeepSpeed 0.19 broadcasts and partitions parameters through ``p.data.view(torch.uint8)``, which fails for
+    0-dim tensors; a 1-element view of the same storage goes through. The model reads these parameters with
+    broadcasting arithmetic, so [1] computes the same; :meth:`DeepSpeedEngine.full_state_dict` and
+    :func:`consolidate_zero_checkpoint` give them their own shape back. Returns ``{name: original shape}``.
+    """
+    lifted = {}
+    for name, p in module.named_parameters():
+        if p.dim() == 0:
+            lifted[name] = p.shape
+            p.data = p.data.reshape(1)
+    return lifted
+
+
+@engines.register("deepspeed", internal=("device", "precision"), check=check_recipe)
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stages 0-3), optimizer offload to CPU (stages 1-3) and parameter offload (stage 3).
+
+    ``optimizer_impl``: ``torch`` hands DeepSpeed a torch AdamW built from the recipe's groups; ``deepspeed``
+    lets DeepSpeed build its own AdamW from the same groups and numbers (fused on GPUs, its CPU Adam when the
+    optimizer is offloaded; both are JIT-compiled on first use); ``auto`` is ``deepspeed`` with CUDA and
+    ``torch`` without. ``config`` is a pass-through block of raw DeepSpeed keys, merged over the generated
+    config; a key that contradicts the recipe is an error. ``shm_comm`` builds DeepSpeed's shared-memory
+    collectives for CPU ranks (a one-time compile); off, gloo carries them. ``timeout_s`` bounds every collective.
+    """
+
+    name = "deepspeed"
+    module_holds_full_weights = False
+
+    def __init__(
+        self,
+        device: str = "auto",
+        precision: str = "fp32",
+        zero_stage: Literal[0, 1, 2, 3] = 2,
+        offload_optimizer: bool = False,
+        offload_params: bool = False,
+        optimizer_impl: Literal["auto", "torch", "deepspeed"] = "auto",
+        config: dict[str, Any] | None = None,
+        shm_comm: bool = False,
+        timeout_s: float = 1800.0,
+    ):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise EngineSetupError(
+                "engine.name is 'deepspeed' but DeepSpeed is not installed: pip install 'sparc-kit[deepspeed]'"
+            )
+        problems = _settings_problems(zero_stage, offload_optimizer, offload_params)
+        if problems:
+            raise EngineSetupError(problems[0])
+        super().__init__(device, precision)
+        self.zero_stage = zero_stage
+        self.offload_optimizer = offload_optimizer
+        self.offload_params = offload_params
+        self.optimizer_impl = optimizer_impl
+        self.raw_config = dict(config or {})
+        self.shm_comm = shm_comm
+        self.timeout_s = timeout_s
+        self.ds: Any = None
+        self.ds_config: dict[str, Any] = {}
+        self.lifted: dict[str, torch.Size] = {}
+        self._owns_group = False
+        self._started = False
+
+    def start(self) -> None:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every process
+        self._join_group("auto", self.timeout_s)
+
+    def setup(
+        self,
+        module: nn.Module,
+        optimizer: OptimizerSpec,
+        layout: BatchLayout | None = None,
+        grad_clip: float | None = None,
+    ) -> None:
+        self.start()
+        layout = self.layout = self._fit_layout(layout)
+
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # DeepSpeed's own calls of torch collectives that torch has deprecated: not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+        if not self.shm_comm:
+            _skip_shm_build()
+
+        use_ds_optimizer = _uses_ds_optimizer(self.optimizer_impl)
+        generated = deepspeed_config(
+            global_batch=layout.global_batch,
+            world_size=self.world_size,
+            accum_steps=layout.accum_steps,
+            grad_clip=grad_clip,
+            precision=self.precision,
+            zero_stage=self.zero_stage,
+            offload_optimizer=self.offload_optimizer,
+            offload_params=self.offload_params,
+            optimizer=dict(lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay)
+            if use_ds_optimizer
+            else None,
+        )
+        problems = conflicts(self.raw_config, generated)
+        if problems:
+            raise EngineSetupError(problems[0])
+        cfg = merge(merge(generated, _HOUSEKEEPING), self.raw_config)
+        if self.offload_optimizer and not use_ds_optimizer:
+            cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW steps the CPU master weights
+        self.ds_config = cfg
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        module = module.to(self.device)
+        self.lifted = _lift_scalars(module)
+        if use_ds_optimizer:
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=module, model_parameters=optimizer.torch_groups(), config=cfg, dist_init_required=False
+            )
+        else:
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=module, optimizer=optimizer.build(), config=cfg, dist_init_required=False
+            )
+        self.ds.set_gradient_accumulation_boundary(True)
+        self.module = self.ds.module
+        self.wrapped = self.ds
+
+    def describe(self) -> str:
+        offload = []
+        if self.offload_optimizer:
+            offload.append("optimizer")
+        if self.offload_params:
+            offload.append("parameters")
+        off = f", offload {' and '.join(offload)}" if offload else ""
+        return f"deepspeed ZeRO-{self.zero_stage}{off} on {self.device}, {self.world_size} processes"
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # the loop's losses are already those of the whole batch: no division by the accumulation count
+        self.ds.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        self.ds.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.ds.set_gradient_accumulation_boundary(True)
+
+    def step(self, grad_clip: float | None) -> float:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def save(self, folder: str) -> dict[str, Any]:
+        self.ds.save_checkpoint(os.path.join(folder, DS_FOLDER), tag=DS_TAG, save_latest=False)
+        if self.is_main:  # what consolidate_zero_checkpoint needs to give lifted scalars their shape back
+            with open(os.path.join(folder, DS_FOLDER, SCALARS_FILE), "w") as f:
+                json.dump({name: list(shape) for name, shape in self.lifted.items()}, f)
+        return {}
+
+    def load(self, folder: str, trainer_state: dict[str, Any]) -> None:
+        path = os.path.join(folder, DS_FOLDER)
+        if not os.path.isdir(os.path.join(path, DS_TAG)):
+            raise EngineSetupError(
+                f"checkpoint {folder} holds no DeepSpeed state (was it written by another engine?); resume it with "
+                "the engine it was trained with"
+            )
+        loaded, _ = self.ds.load_checkpoint(
+            path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
+        if loaded is None:
+            raise EngineSetupError(f"DeepSpeed could not load its checkpoint from {path}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = self.unwrap()
+        params = dict(module.named_parameters())
+        out: dict[str, torch.Tensor] = {}
+        for key, value in module.state_dict(keep_vars=True).items():
+            if key in params:
+                full = safe_get_full_fp32_param(params[key])  # collective under ZeRO
+                tensor = (full if full is not None else params[key]).detach().float()
+                if key in self.lifted:
+                    tensor = tensor.reshape(self.lifted[key])
+            else:
+                tensor = value.detach()
+            if self.is_main:
+                out[key] = tensor.cpu().clone().contiguous()
+        return out if self.is_main else None
+
+    def close(self) -> None:
+        if self.ds is not None and hasattr(self.ds, "destroy"):
+            with contextlib.suppress(Exception):
+                self.ds.destroy()
+        self.ds = None
+        super().close()
+
+
+def consolidate_zero_checkpoint(checkpoint: str, out_file: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The fp32 weights of a DeepSpeed checkpoint folder (``RUN/checkpoints/step_N``), from its ZeRO partitions
+    alone, without a process group; split into ``{"model": ..., "loss": ...}``. With ``out_file`` the model's
+    weights are also written there as safetensors (the loss's beside it as ``loss.safetensors`` when it has
+    some)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise EngineSetupError("consolidating a DeepSpeed checkpoint needs DeepSpeed: pip install 'sparc-kit[deepspeed]'")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    folder = os.path.join(checkpoint, DS_FOLDER) if os.path.isdir(os.path.join(checkpoint, DS_FOLDER)) else checkpoint
+    if not os.path.isdir(os.path.join(folder, DS_TAG)):
+        raise EngineSetupError(f"{checkpoint}: no DeepSpeed checkpoint (expected {os.path.join(folder, DS_TAG)})")
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull), contextlib.redirect_stderr(devnull):
+        state = get_fp32_state_dict_from_zero_checkpoint(folder, tag=DS_TAG)  # it prints progress bars
+    scalars_file = os.path.join(folder, SCALARS_FILE)
+    shapes = {}
+    if os.path.exists(scalars_file):
+        with open(scalars_file) as f:
+            shapes = {k: tuple(v) for k, v in json.load(f).items()}
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "loss": {}}
+    for key, value in state.items():
+        if key in shapes:
+            value = value.reshape(shapes[key])
+        head, _, rest = key.partition(".")
+        if head in parts:
+            parts[head][rest] = value.detach().float().contiguous()
+    if out_file is not None:
+        from sparc_kit.train.checkpoint import write_safetensors
+
+        write_safetensors(out_file, parts["model"])
+        if parts["loss"]:
+            write_safetensors(os.path.join(os.path.dirname(out_file) or ".", "loss.safetensors"), parts["loss"])
+    return parts

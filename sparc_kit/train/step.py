@@ -1,0 +1,147 @@
+"""One training step: forward, a non-finite check every process agrees on, backward (accumulated), update.
+
+``train_step(engine, batch, accum_steps, grad_clip)`` is the whole step; :func:`compute_gradients` is it without
+the update, for tests and tools that inspect gradients.
+
+Gradient accumulation (``accum_steps = k``) is contrastive-correct, open_clip's feature-cache scheme: the k
+micro-batches are first embedded without gradient; the loss of the whole batch is computed once on that cache
+(the logged values, checked for non-finite values before anything is applied); then each micro-batch is
+embedded again with gradient and its outputs spliced into the cache, so its loss is contrasted against the
+negatives of the whole batch and its backward adds exactly its part of the whole batch's gradient. The
+per-sample fine-grained terms are computed on the micro-batch's rows only (with the whole batch's count as the
+divisor). Under DDP every backward but the last runs in ``no_sync``. The cost: one extra forward of the towers
+without gradient, and the whole batch's model outputs (patch and token embeddings included) held in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sparc_kit.train.module import snapshot_rng
+
+__all__ = ["train_step", "compute_gradients", "StepResult", "NonFiniteLossError", "split_batch"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; nothing of that step was applied."""
+
+    def __init__(self, step: int, value: float, last_finite_step: int | None):
+        self.step, self.value, self.last_finite_step = step, value, last_finite_step
+        since = f"; last finite loss at step {last_finite_step}" if last_finite_step is not None else ""
+        super().__init__(
+            f"loss is {value} at step {step}{since}. The update was not applied and the last checkpoint is intact; "
+            "try a lower optim.lr, train.precision=fp32 or a smaller model.init_temperature range"
+        )
+
+    def __reduce__(self):  # survives pickling (sent between processes)
+        return (NonFiniteLossError, (self.step, self.value, self.last_finite_step))
+
+
+@dataclass
+class StepResult:
+    values: dict[str, float]  # the loss terms and diagnostics, averaged over processes
+    grad_norm: float
+    extras: dict[str, float]  # the caller's ``extras``, averaged over processes
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """``parts`` contiguous micro-batches of (nearly) equal size."""
+    n = next(iter(batch.values())).shape[0]
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [{k: v[a:b] for k, v in batch.items()} for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _scalars(terms: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().reshape(()) for k, v in terms.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def _reduce(engine, terms: dict[str, Any], extras: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """One all-reduce for every logged number of the step (and the caller's extras: counts, a stop flag)."""
+    scalars = _scalars(terms)
+    names = list(scalars) + [f"__extra__{k}" for k in extras]
+    device = scalars["loss"].device
+    stacked = torch.stack(
+        [scalars[k] for k in scalars] + [torch.tensor(float(v), device=device) for v in extras.values()]
+    )
+    reduced = engine.all_reduce_mean(stacked).tolist()
+    values = {k: v for k, v in zip(names, reduced) if not k.startswith("__extra__")}
+    extra_out = {k[len("__extra__"):]: v for k, v in zip(names, reduced) if k.startswith("__extra__")}
+    return values, extra_out
+
+
+def compute_gradients(
+    engine,
+    batch: dict[str, torch.Tensor],
+    accum_steps: int = 1,
+    *,
+    step: int | None = None,
+    last_finite: int | None = None,
+    extras: dict[str, float] | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Forward and backward of one batch (this process's part of the global batch) through ``engine``.
+
+    Returns the loss terms averaged over processes and the averaged ``extras``. Raises
+    :class:`NonFiniteLossError` on every process, before any backward, when the loss is not finite anywhere.
+    """
+    extras = dict(extras or {})
+    if accum_steps <= 1:
+        with engine.autocast():
+            terms = engine(**batch)
+        values, extras_out = _reduce(engine, terms, extras)
+        _check_finite(values, step, last_finite)
+        engine.backward(terms["loss"])
+        return values, extras_out
+
+    micro = split_batch(batch, accum_steps)
+    module = engine.unwrap()
+    with torch.no_grad(), engine.autocast():
+        outputs = [module.model(**mb) for mb in micro]
+        cache = {
+            k: (torch.cat([o[k] for o in outputs]) if torch.is_tensor(v) and v.ndim > 0 else v)
+            for k, v in outputs[0].items()
+        }
+        rng = snapshot_rng(cache["token_mask"].device)
+        terms = module.loss(**cache)  # the whole batch's loss: what is logged and checked
+    values, extras_out = _reduce(engine, terms, extras)
+    _check_finite(values, step, last_finite)
+    start = 0
+    for j, mb in enumerate(micro):
+        size = mb["images"].shape[0]
+        rows = slice(start, start + size)
+        start += size
+        sync = j == len(micro) - 1
+        with engine.no_sync() if not sync else contextlib.nullcontext():
+            with engine.autocast():
+                part = engine(**mb, cache=cache, rows=rows, loss_rng=rng)
+            engine.backward(part["loss"])
+    # every loss pass drew from the same RNG state, so the RNG is left as one pass leaves it
+    return values, extras_out
+
+
+def _check_finite(values: dict[str, float], step: int | None, last_finite: int | None) -> None:
+    loss = values["loss"]
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(step if step is not None else -1, loss, last_finite)
+
+
+def train_step(
+    engine,
+    batch: dict[str, torch.Tensor],
+    *,
+    accum_steps: int = 1,
+    grad_clip: float | None = None,
+    step: int | None = None,
+    last_finite: int | None = None,
+    extras: dict[str, float] | None = None,
+) -> StepResult:
+    """One optimizer step on one batch: :func:`compute_gradients`, then ``engine.step(grad_clip)``."""
+    values, extras_out = compute_gradients(
+        engine, batch, accum_steps, step=step, last_finite=last_finite, extras=extras
+    )
+    grad_norm = engine.step(grad_clip)
+    return StepResult(values, float(grad_norm), extras_out)
