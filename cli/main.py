@@ -114,7 +114,6 @@ def train(
     ),
     print_config: bool = typer.Option(False, "--print-config", help="Print the fully resolved recipe and exit."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
-    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True),
 ) -> None:
     """Train a recipe; resumes automatically when the run folder holds a checkpoint.
 
@@ -123,7 +122,6 @@ def train(
     """
     from sparc_kit.config import dump_recipe
 
-    del local_rank  # the deepspeed launcher's argument; LOCAL_RANK in the environment says the same
     cfg = _load(recipe, set_ or [])
     if print_config:
         typer.echo(dump_recipe(cfg), nl=False)
@@ -262,7 +260,29 @@ def recipes_cp(
     typer.echo(f"wrote {dest}")
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher (without --no_local_rank) and torch.distributed.launch insert --local_rank=N
+    right after the program; LOCAL_RANK in the environment says the same, so it is taken out of argv."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        for flag in ("--local_rank", "--local-rank"):
+            if arg == flag and i + 1 < len(argv):
+                os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+                skip = True
+                break
+            if arg.startswith(flag + "="):
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+                break
+        else:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
+    sys.argv = _strip_local_rank(sys.argv)
     try:
         app()
     except KeyboardInterrupt:

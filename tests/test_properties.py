@@ -645,6 +645,9 @@ def test_engine_takes_a_descent_step_on_a_quadratic(name):
     weights against the gradient by Adam's first step, report the gradient norm, and hand back full weights."""
     from sparc_kit.engines import BatchLayout, OptimizerSpec, param_groups
 
+    import os
+
+    environment = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     engine = build(engines, name)  # internal: device='cpu', precision='fp32'
     try:
         module = _Quadratic()
@@ -673,3 +676,5 @@ def test_engine_takes_a_descent_step_on_a_quadratic(name):
         assert engine.gather_objects("x") == ["x"] and engine.broadcast_object(7) == 7
     finally:
         engine.close()
+    # a group of one leaves no launcher variables behind (a later child process would read them)
+    assert {k: os.environ.get(k) for k in environment} == environment

@@ -227,10 +227,8 @@ class Engine:
 
     def close(self) -> None:
         """Release what ``setup`` acquired (a process group this engine started)."""
-        if getattr(self, "_owns_group", False) and distributed.is_initialized():
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
+        if getattr(self, "_owns_group", False):
+            distributed.destroy_process_group()
         self._owns_group = False
         self._started = False
 

@@ -31,6 +31,7 @@ __all__ = [
     "free_port",
     "first_slurm_host",
     "is_initialized",
+    "destroy_process_group",
     "world",
 ]
 
@@ -143,6 +144,8 @@ def init_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> tupl
         return env, False
     env = discover()
     port = env.master_port if env.world_size > 1 else (env.master_port or free_port())
+    _SAVED_ENV.clear()
+    _SAVED_ENV.update({k: os.environ.get(k) for k in _GROUP_VARS})
     os.environ.update(
         RANK=str(env.rank),
         WORLD_SIZE=str(env.world_size),
@@ -160,6 +163,22 @@ def init_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> tupl
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     return DistEnv(env.rank, env.world_size, env.local_rank, os.environ["MASTER_ADDR"], port, env.launcher), True
+
+
+_GROUP_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_SAVED_ENV: dict[str, str | None] = {}
+
+
+def destroy_process_group() -> None:
+    """End the group :func:`init_process_group` started and put back the environment variables it set."""
+    if is_initialized():
+        dist.destroy_process_group()
+    for key, value in _SAVED_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _SAVED_ENV.clear()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

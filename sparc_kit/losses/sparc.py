@@ -83,14 +83,18 @@ class SparcLoss(ClipLoss):
         token_mask,
         logit_scale,
         live_rows: slice | None = None,
+        live_passes: int = 1,
         **_,
     ) -> dict[str, torch.Tensor]:
-        """The loss of the batch. ``live_rows`` (gradient accumulation): only those rows carry gradient, the rest
-        are cached features; the per-sample fine-grained term is then computed on those rows alone, divided by
-        the count of the whole batch, so the micro-batches' terms add up to the whole batch's (diagnostics are
-        left to the caller's pass over the whole batch)."""
-        global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+        """The loss of the batch. ``live_rows`` (one of ``live_passes`` micro-batches of an accumulated step): only
+        those rows carry gradient, the rest are cached features; the per-sample fine-grained term is then
+        computed on those rows alone, divided by the count of the whole batch, so the micro-batches' terms add up
+        to the whole batch's, and the global term (the whole batch's in every pass) gives the logit scale
+        ``1 / live_passes`` of its gradient (diagnostics are left to the caller's pass over the whole batch)."""
         if live_rows is not None:
+            from sparc_kit.train.module import share_gradient
+
+            global_loss, diag = self.global_loss(image_embeds, text_embeds, share_gradient(logit_scale, live_passes))
             denominator = average_denominator(token_mask, self.average)
             rows = (patch_embeds[live_rows], token_embeds[live_rows], token_mask[live_rows])
             fine_loss = self.fine_loss(*rows, logit_scale, denominator=denominator)
@@ -99,6 +103,7 @@ class SparcLoss(ClipLoss):
                 "global_loss": global_loss.detach(),
                 "fine_loss": fine_loss.detach(),
             }
+        global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
         fine_loss, weights = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale, True)
         out = {
             "loss": self.lambda_g * global_loss + self.lambda_f * fine_loss,

@@ -72,18 +72,37 @@ def record_failure(line: str, exit_code: int, *, from_main: bool = False, peer: 
     return True
 
 
-def _root_cause(folder: str) -> dict | None:
-    records = []
+def _records(folder: str) -> dict[int, dict]:
+    records = {}
     for path in glob.glob(os.path.join(folder, "rank_*.json")):
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, KeyError):
             with open(path) as f:
-                records.append(json.load(f))
-    if not records:
-        return None
-    # a process's own failure first (not an error it was told about by rank 0, not a broken connection),
-    # then the earliest
-    records.sort(key=lambda r: (bool(r.get("peer")), bool(r.get("from_main")), r.get("time", 0.0)))
-    return records[0]
+                record = json.load(f)
+            records[int(record["rank"])] = record
+    return records
+
+
+def _root_cause(folder: str, failures: dict) -> LaunchResult:
+    """The failure to report: a process's own error first; then a process that died without a word (killed
+    by a signal, out of memory); then an error rank 0 passed on; a broken connection to a dead peer last."""
+    import signal
+
+    records = _records(folder)
+    own = [r for r in records.values() if not r.get("peer") and not r.get("from_main")]
+    if own:
+        first = min(own, key=lambda r: r.get("time", 0.0))
+        return LaunchResult(int(first["code"]), int(first["rank"]), str(first["line"]))
+    silent = [rank for rank in failures if rank not in records]
+    if silent:
+        rank = min(silent, key=lambda r: failures[r].timestamp)
+        code = failures[rank].exitcode
+        if code < 0:
+            with contextlib.suppress(ValueError):
+                return LaunchResult(128 - code, rank, f"process killed by {signal.Signals(-code).name}")
+            return LaunchResult(128 - code, rank, f"process killed by signal {-code}")
+        return LaunchResult(code or 1, rank, f"process stopped with exit code {code} and no message")
+    rest = sorted(records.values(), key=lambda r: (bool(r.get("peer")), r.get("time", 0.0)))
+    return LaunchResult(int(rest[0]["code"]), int(rest[0]["rank"]), str(rest[0]["line"]))
 
 
 def launch(argv: Sequence[str], nproc: int, *, threads_per_process: int | None = None) -> LaunchResult:
@@ -113,12 +132,7 @@ def launch(argv: Sequence[str], nproc: int, *, threads_per_process: int | None =
             run(args)
             return LaunchResult(0)
         except ChildFailedError as exc:
-            record = _root_cause(folder)
-            if record is not None:
-                return LaunchResult(int(record["code"]), int(record["rank"]), str(record["line"]))
-            rank, failure = exc.get_first_failure()
-            code = failure.exitcode if failure.exitcode > 0 else 1
-            return LaunchResult(code, rank, f"process {rank} stopped with exit code {failure.exitcode}")
+            return _root_cause(folder, exc.failures)
         except KeyboardInterrupt:
             return LaunchResult(130)
         except Exception as exc:  # the launcher's SignalException: this process got SIGINT or SIGTERM

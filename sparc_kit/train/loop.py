@@ -34,7 +34,7 @@ import yaml
 
 from sparc_kit.config import dump_recipe, load_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
-from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, param_groups
+from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
 from sparc_kit.losses.distributed import local_only
@@ -392,12 +392,14 @@ def train(
         engine.close()
 
 
-def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None) -> None:
-    """Rank 0's part of starting a run: checks, the tokenizer and ``recipe.yaml``."""
+def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None, engine: Engine) -> None:
+    """Rank 0's part of starting a run: every check first (so a refused run changes nothing in the folder),
+    then the tokenizer and ``recipe.yaml``."""
     if recipe.eval:
         check_eval_data(recipe.eval)
     if ckpt_path:
         _check_resume(out_dir, recipe)
+        _check_engine_resume(read_checkpoint_state(ckpt_path), recipe, engine, dataset, out_dir)
     tokenizer = build_tokenizer(recipe, dataset, out_dir if ckpt_path else None)
     if tokenizer.vocab_size > recipe.tokenizer.vocab_size:
         raise ValueError(
@@ -419,14 +421,14 @@ def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dat
     old_world = int(saved.get("world_size", 1))
     torch_format = {"local", "ddp"}
     if (old_engine in torch_format) != (engine.name in torch_format):
-        raise ResumeMismatchError(
+        raise EngineSetupError(
             f"run folder {out_dir} was trained with engine {old_engine!r}, whose checkpoints engine "
             f"{engine.name!r} cannot resume; resume with --set engine.name={old_engine}, or use a new --out"
         )
     if engine.name == "deepspeed" and old_engine == "deepspeed":
         old_stage = saved.get("zero_stage")
         if old_world != engine.world_size or (old_stage is not None and old_stage != recipe.engine.zero_stage):
-            raise ResumeMismatchError(
+            raise EngineSetupError(
                 f"run folder {out_dir} holds a DeepSpeed ZeRO-{old_stage} checkpoint of {old_world} processes; "
                 f"resume it with {old_world} processes (--nproc {old_world}) and engine.zero_stage={old_stage}, "
                 "or use a new --out"
@@ -439,7 +441,7 @@ def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dat
                 f"sample order depends on it, so resume with --set train.num_workers={started_workers}"
             )
         if old_world != engine.world_size:
-            raise ResumeMismatchError(
+            raise EngineSetupError(
                 f"run folder {out_dir} was trained by {old_world} process(es) on a streaming dataset, whose sample "
                 f"order depends on the process count; resume with {old_world} process(es)"
             )
@@ -477,7 +479,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
 
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
     dataset = build_dataset(recipe)
-    _on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path))
+    _on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
     tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
 
     model = build_model(recipe)
@@ -494,7 +496,6 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     state = TrainState()
     if ckpt_path:
         saved = read_checkpoint_state(ckpt_path)
-        _check_engine_resume(saved, recipe, engine, dataset, out_dir)
         engine.load(ckpt_path, saved["trainer"])
         rngs = saved["trainer"]["rng"]
         rngs = rngs if isinstance(rngs, list) else [rngs]  # one state before multi-process runs

@@ -110,17 +110,31 @@ def compute_gradients(
     values, extras_out = _reduce(engine, terms, extras)
     _check_finite(values, step, last_finite)
     start = 0
-    for j, mb in enumerate(micro):
-        size = mb["images"].shape[0]
-        rows = slice(start, start + size)
-        start += size
-        sync = j == len(micro) - 1
-        with engine.no_sync() if not sync else contextlib.nullcontext():
-            with engine.autocast():
-                part = engine(**mb, cache=cache, rows=rows, loss_rng=rng)
-            engine.backward(part["loss"])
+    passes = len(micro)
+    with _shared_gradients(module.loss.parameters(), passes):  # every pass uses the loss's parameters whole
+        for j, mb in enumerate(micro):
+            size = mb["images"].shape[0]
+            rows = slice(start, start + size)
+            start += size
+            sync = j == passes - 1
+            with engine.no_sync() if not sync else contextlib.nullcontext():
+                with engine.autocast():
+                    part = engine(**mb, cache=cache, rows=rows, passes=passes, loss_rng=rng)
+                engine.backward(part["loss"])
     # every loss pass drew from the same RNG state, so the RNG is left as one pass leaves it
     return values, extras_out
+
+
+@contextlib.contextmanager
+def _shared_gradients(params, passes: int):
+    """Scale the gradient reaching each of ``params`` by ``1 / passes`` (a hook before it is accumulated, so
+    DDP and DeepSpeed see the scaled value)."""
+    handles = [p.register_hook(lambda g: g / passes) for p in params if p.requires_grad]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _check_finite(values: dict[str, float], step: int | None, last_finite: int | None) -> None:

@@ -1,0 +1,90 @@
+"""What each process of the multi-process tests runs (started by torch.distributed.run, gloo on CPU).
+
+``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py SPEC.json``
+
+SPEC holds ``runs`` (``{recipe, overrides, out}``: :func:`sparc_kit.train.train` called by every process, the
+engine chosen by the overrides) and ``grads`` (``{recipe, overrides, accum_steps, out}``: the gradients of one
+fixed global batch through the ddp engine with gradient accumulation, saved by rank 0). The process group is
+started here, once, so every run of the spec shares it, as the runs of a long job would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def fixed_batch(recipe, batch_size: int, seed: int = 123) -> dict[str, torch.Tensor]:
+    """A global batch that is a pure function of its arguments: random images, token ids and masks with
+    captions of different lengths (so the token counts differ between processes)."""
+    g = torch.Generator().manual_seed(seed)
+    size = recipe.model.vision.image_size
+    length = recipe.tokenizer.context_length
+    images = torch.randn(batch_size, 3, size, size, generator=g)
+    token_ids = torch.randint(4, recipe.tokenizer.vocab_size, (batch_size, length), generator=g)
+    lengths = torch.randint(2, length + 1, (batch_size,), generator=g)
+    token_mask = torch.arange(length)[None, :] < lengths[:, None]
+    token_ids = token_ids.masked_fill(~token_mask, 0)
+    return {"images": images, "token_ids": token_ids, "token_mask": token_mask}
+
+
+def build_module(recipe):
+    from sparc_kit.models import build_model
+    from sparc_kit.train.loop import build_loss
+    from sparc_kit.train.module import TrainModule
+
+    torch.manual_seed(recipe.train.seed)
+    return TrainModule(build_model(recipe), build_loss(recipe))
+
+
+def gradients_of(engine) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in engine.unwrap().named_parameters() if p.grad is not None}
+
+
+def run_grads(case: dict) -> None:
+    import sparc_kit
+    from safetensors.torch import save_file
+
+    from sparc_kit.engines import BatchLayout, DDPEngine, OptimizerSpec, param_groups
+    from sparc_kit.train.step import compute_gradients
+
+    recipe = sparc_kit.load_recipe(case["recipe"], case["overrides"])
+    module = build_module(recipe)
+    engine = DDPEngine(device="cpu")
+    layout = BatchLayout(recipe.train.batch_size, dist.get_world_size(), case["accum_steps"])
+    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=1e-3), layout)
+    batch = fixed_batch(recipe, recipe.train.batch_size)
+    rows = slice(engine.rank * layout.per_rank, (engine.rank + 1) * layout.per_rank)
+    values, _ = compute_gradients(engine, {k: v[rows] for k, v in batch.items()}, case["accum_steps"])
+    if engine.is_main:
+        save_file(gradients_of(engine), case["out"])
+        with open(case["out"] + ".json", "w") as f:
+            json.dump(values, f)
+    engine.close()
+
+
+def main(spec_path: str) -> None:
+    with open(spec_path) as f:
+        spec = json.load(f)
+    dist.init_process_group("gloo")
+    import sparc_kit
+    from sparc_kit.train import train
+
+    for case in spec.get("runs", []):
+        recipe = sparc_kit.load_recipe(case["recipe"], case["overrides"])
+        train(recipe, case["out"], progress=False)
+    for case in spec.get("grads", []):
+        run_grads(case)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(os.path.dirname(spec_path), "done"), "w") as f:
+            f.write("ok\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
