@@ -17,8 +17,10 @@ import torch
 
 import sparc_kit
 from sparc_kit.data import Collate, SyntheticShapes, Tokenizer
-from sparc_kit.engines import LocalEngine
+from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec, param_groups
 from sparc_kit.train import build_loss
+from sparc_kit.train.module import TrainModule
+from sparc_kit.train.step import train_step
 
 SIZES = {
     "tiny": ["model.vision.width=128", "model.vision.depth=4", "model.text.width=128", "model.text.depth=4"],
@@ -38,16 +40,12 @@ def run(size: str, precision: str, steps: int, batch_size: int) -> float:
     batch = Collate(tokenizer, 64)([data[i] for i in range(batch_size)])
     batch = {k: v for k, v in batch.items() if k in ("images", "token_ids", "token_mask")}
     engine = LocalEngine(device="auto", precision=precision)
-    model.to(engine.device)
+    module = TrainModule(model, loss_fn)
+    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=1e-4), BatchLayout(batch_size), 1.0)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    engine.prepare(model, optimizer)
 
     def step():
-        with engine.autocast():
-            loss = loss_fn(**model(**batch))["loss"]
-        engine.backward(loss)
-        engine.step(1.0)
+        train_step(engine, batch, grad_clip=1.0)
 
     step()  # warm-up
     if engine.device.type == "cuda":

@@ -533,3 +533,27 @@ def test_the_deepspeed_launchers_local_rank_argument_is_taken_out(monkeypatch):
     assert _strip_local_rank(["sparc", "--local_rank=1", "train", "r.yaml"]) == ["sparc", "train", "r.yaml"]
     assert os.environ["LOCAL_RANK"] == "1"
     assert _strip_local_rank(["sparc", "train", "--local-rank", "0", "r.yaml"]) == ["sparc", "train", "r.yaml"]
+
+
+def test_sigterm_saves_the_current_step_and_the_run_resumes_to_the_same_weights(tmp_path):
+    """A scheduler's preemption: SIGTERM to the launcher, which passes it to the processes; they finish the step,
+    agree to stop, save a checkpoint together and exit (143). The same command then finishes the run."""
+    import signal
+
+    args = ["train", "sparc_tiny", *CLI_MICRO, "--set", "engine.name=ddp", "--set", "train.steps=40",
+            "--set", "train.checkpoint_every=1000", "--nproc", "2", "--quiet"]
+    out = tmp_path / "run"
+    proc = _popen_sparc(*args, "--out", str(out))
+    _wait_for_step(out, 6, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = int(latest_checkpoint(str(out / "checkpoints")).rsplit("_", 1)[1])
+    assert 6 <= stopped < 40  # not a periodic checkpoint (every 1000): the one the stop wrote
+    assert f"interrupted after step {stopped}; checkpoint saved in {out}" in stderr
+    assert "Traceback" not in stderr and "death signal" not in stderr
+    resumed = sparc(*args, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    local = tmp_path / "local"
+    train(sparc_kit.load_recipe("sparc_tiny", [*MICRO, "train.steps=40"]), str(local), progress=False)
+    assert max_difference(final_weights(out), final_weights(local)) < TOL

@@ -332,3 +332,39 @@ def test_missing_evaluation_data_fails_before_training(tmp_path):
     with pytest.raises(EvalDataError, match="data not found: .*nowhere.jsonl"):
         train(recipe, str(tmp_path / "run"), progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_folder_from_before_the_engine_seam_resumes(uninterrupted, tmp_path):
+    """Checkpoints written before multi-process training held one RNG state and no engine fields in state.json;
+    such a folder resumes and ends with the weights of an uninterrupted run."""
+    ref_dir, _ = uninterrupted
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(micro_recipe("train.steps=12"), out, progress=False, callback=Interrupt(4, RuntimeError("boom")))
+    ckpt = latest_checkpoint(os.path.join(out, "checkpoints"))
+    trainer = torch.load(os.path.join(ckpt, "trainer.pt"), weights_only=True)
+    torch.save({"optimizer": trainer["optimizer"], "rng": trainer["rng"][0]}, os.path.join(ckpt, "trainer.pt"))
+    state = json.load(open(os.path.join(ckpt, "state.json")))
+    for key in ("engine", "world_size", "accum_steps"):
+        state.pop(key)
+    json.dump(state, open(os.path.join(ckpt, "state.json"), "w"))
+    resumed = train(micro_recipe("train.steps=12"), out, progress=False)
+    assert resumed.resumed_from == 4
+    assert_same_weights(weights(ref_dir), weights(out))
+
+
+def test_a_save_killed_halfway_leaves_the_last_checkpoint_and_is_cleaned_up(uninterrupted, tmp_path):
+    """A process killed inside a save leaves a partial hidden folder: the resume ignores it, starts from the
+    last complete checkpoint, ends with the uninterrupted weights, and the next save removes the leftover."""
+    ref_dir, _ = uninterrupted
+    out = str(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="boom"):
+        train(micro_recipe("train.steps=12"), out, progress=False, callback=Interrupt(6, RuntimeError("boom")))
+    partial = os.path.join(out, "checkpoints", ".tmp-step_00000008")
+    os.makedirs(partial)
+    with open(os.path.join(partial, "model.safetensors"), "wb") as f:
+        f.write(b"\0" * 100)  # cut short
+    resumed = train(micro_recipe("train.steps=12"), out, progress=False)
+    assert resumed.resumed_from == 4
+    assert_same_weights(weights(ref_dir), weights(out))
+    assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith(".tmp")]

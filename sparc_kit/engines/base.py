@@ -195,9 +195,9 @@ class Engine:
             return tensor
         import torch.distributed as dist
 
-        out = tensor.detach().clone()
+        out = tensor.detach().to(self.device, copy=True)  # nccl reduces device tensors only
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / self.world_size
+        return (out / self.world_size).to(tensor.device)
 
     def barrier(self) -> None:
         if self.world_size > 1:

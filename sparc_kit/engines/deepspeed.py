@@ -106,6 +106,16 @@ _HOUSEKEEPING = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False, "z
 _BY_LENGTH = sorted(OWNED_KEYS, key=len, reverse=True)  # the most specific owner first
 
 
+def _size_defaults(module: nn.Module, zero_stage: int) -> dict[str, Any]:
+    """Defaults that depend on the model and that the recipe may override: ZeRO-3 allocates its gradient bucket
+    whole (DeepSpeed's default, 5e8 elements, is 1.9 GB of fp32: ten times a ViT-B/16), and a bucket larger
+    than the model buys nothing, so it is capped at the parameter count."""
+    if zero_stage < 2:
+        return {}
+    numel = sum(p.numel() for p in module.parameters())
+    return {"zero_optimization": {"reduce_bucket_size": int(min(5e8, max(numel, 1)))}}
+
+
 def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in tree.items():
         path = f"{prefix}{key}"
@@ -310,7 +320,7 @@ class DeepSpeedEngine(Engine):
         problems = conflicts(self.raw_config, generated)
         if problems:
             raise EngineSetupError(problems[0])
-        cfg = merge(merge(generated, _HOUSEKEEPING), self.raw_config)
+        cfg = merge(merge(merge(generated, _HOUSEKEEPING), _size_defaults(module, self.zero_stage)), self.raw_config)
         if self.offload_optimizer and not use_ds_optimizer:
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW steps the CPU master weights
         self.ds_config = cfg

@@ -1,8 +1,13 @@
 """Training: the loop, checkpoints and schedules."""
 
-from sparc_kit.train.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, save_checkpoint
+from sparc_kit.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+    save_train_checkpoint,
+)
 from sparc_kit.train.loop import (
-    NonFiniteLossError,
     ResumeMismatchError,
     RunFolderBusyError,
     TooManyBadSamplesError,
@@ -13,10 +18,19 @@ from sparc_kit.train.loop import (
     read_metrics,
     train,
 )
+from sparc_kit.train.module import TrainModule
 from sparc_kit.train.schedule import lr_factor
+from sparc_kit.train.state import TrainState
+from sparc_kit.train.step import NonFiniteLossError, StepResult, compute_gradients, train_step
 
 __all__ = [
     "train",
+    "train_step",
+    "compute_gradients",
+    "StepResult",
+    "TrainModule",
+    "TrainState",
+    "save_train_checkpoint",
     "TrainResult",
     "NonFiniteLossError",
     "ResumeMismatchError",

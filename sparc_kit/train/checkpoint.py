@@ -192,9 +192,14 @@ def _complete(path: str) -> bool:
 
 
 def _prune(root: str, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; remove temporary folders a killed save left behind (called once the
+    new checkpoint is in place, when no save is under way)."""
     steps = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d)))
     for _, d in steps[:-keep]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for d in os.listdir(root):
+        if d.startswith(".tmp-step_") and os.path.isdir(os.path.join(root, d)):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
 def latest_checkpoint(root: str) -> str | None:

@@ -121,7 +121,9 @@ def launch(argv: Sequence[str], nproc: int, *, threads_per_process: int | None =
         ["--standalone", f"--nproc-per-node={nproc}", "--monitor-interval=0.2", "--module", "sparc_cli", *argv]
     )
     saved_env = {k: os.environ.get(k) for k in (ERROR_DIR_ENV, "OMP_NUM_THREADS")}
-    quiet = ["torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"]
+    # the launcher's loggers set their own levels, so each one is quietened, not only their parent
+    quiet = [name for name in logging.Logger.manager.loggerDict if name.startswith("torch.distributed")]
+    quiet += ["torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"]
     levels = {name: logging.getLogger(name).level for name in quiet}
     with tempfile.TemporaryDirectory(prefix="sparc-launch-") as folder:
         os.environ[ERROR_DIR_ENV] = folder

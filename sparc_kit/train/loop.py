@@ -336,10 +336,12 @@ def _on_main(engine: Engine, fn: Callable[[], Any]) -> Any:
 class _StopSignals:
     """With several processes, SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping the job)
     ask for a stop at the end of the current step: the processes agree on it in that step's all-reduce, save a
-    checkpoint together and exit. A second SIGINT stops at once."""
+    checkpoint together and exit. A terminal's Ctrl-C reaches a process twice (directly, and passed on by the
+    launcher), so the third SIGINT is the one that stops at once."""
 
     def __init__(self, enabled: bool):
         self.enabled, self.requested, self.previous = enabled, False, {}
+        self.interrupts = 0
 
     def __enter__(self):
         if self.enabled:
@@ -349,8 +351,10 @@ class _StopSignals:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts >= 3:
+                raise KeyboardInterrupt
         self.requested = True
 
     def __exit__(self, *exc):
@@ -384,9 +388,11 @@ def train(
     try:
         engine.start()
         layout = BatchLayout(recipe.train.batch_size, engine.world_size, recipe.train.accum_steps)
-        lock = contextlib.ExitStack()
-        _on_main(engine, lambda: (os.makedirs(out_dir, exist_ok=True), lock.enter_context(_run_lock(out_dir))))
-        with lock:
+        with contextlib.ExitStack() as stack:
+            if not engine.is_main:  # rank 0 speaks for the run
+                stack.enter_context(warnings.catch_warnings())
+                warnings.simplefilter("ignore")
+            _on_main(engine, lambda: (os.makedirs(out_dir, exist_ok=True), stack.enter_context(_run_lock(out_dir))))
             return _train(recipe, out_dir, engine, layout, progress, callback)
     finally:
         engine.close()
@@ -450,7 +456,6 @@ def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dat
 def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, max_skip: float):
     """The next usable batch, all processes together. A batch whose every sample on some process was
     unreadable is counted and passed over by every process (they must step together)."""
-    counts = {"read": 0, "skipped": 0, "truncated": 0}
     while True:
         batch = next(batches)
         state.samples_seen += global_batch  # the stream position: every batch taken counts, usable or not
@@ -463,7 +468,6 @@ def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, m
         read, skipped, truncated, empty = (int(round(float(v))) for v in local)
         for key, value in (("read", read), ("skipped", skipped), ("truncated", truncated)):
             state.counts[key] += value
-            counts[key] += value
         _check_skips(state.counts, max_skip, state.step + 1)
         if not empty:
             return batch
@@ -472,8 +476,6 @@ def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, m
 def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback) -> TrainResult:
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
-    if not engine.is_main:
-        warnings.simplefilter("ignore")  # rank 0 speaks for the run
     ckpt_root = os.path.join(out_dir, "checkpoints")
     ckpt_path = engine.broadcast_object(latest_checkpoint(ckpt_root) if engine.is_main else None)
 
