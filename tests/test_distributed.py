@@ -97,7 +97,8 @@ def launched(tmp_path_factory):
         "out": str(root / "ddp-filip"),
     })
     # accumulation inside a multi-process run; evaluation during a ZeRO-3 run
-    runs.append({"recipe": "sparc_tiny", "overrides": overrides("engine.name=ddp", "train.accum_steps=2"),
+    runs.append({"recipe": "sparc_tiny", "overrides": overrides("engine.name=ddp", "train.accum_steps=2",
+                                                                eval_entry(retrieval)),
                  "out": str(root / "ddp-accum-sparc")})
     runs.append({"recipe": "sparc_tiny", "overrides": overrides(*DEEPSPEED["zero3"], eval_entry(retrieval)),
                  "out": str(root / "zero3-eval-sparc")})
@@ -178,21 +179,41 @@ def test_accumulated_ddp_gradients_equal_the_full_batch_gradient(launched, loss)
     assert max_difference(got, reference) < TOL
 
 
-def test_zero3_run_folder_loads_and_evaluates_like_any_other(launched, tmp_path):
+@pytest.mark.parametrize("run_name", ["zero3-eval-sparc", "ddp-accum-sparc"])
+def test_evaluation_during_a_multi_process_run_logs_what_one_process_logs(launched, tmp_path, run_name):
+    """Evaluation runs on rank 0 while the others wait (no hang), on the consolidated fp32 weights for ZeRO-3."""
     root, manifest, _ = launched
-    run = root / "zero3-eval-sparc"
     local = tmp_path / "local-eval"
     train(sparc_kit.load_recipe("sparc_tiny", overrides(eval_entry(manifest))), str(local), progress=False)
-    rows, ref = read_metrics(str(run)), read_metrics(str(local))
-    key = "eval/val/i2t_R@1"
-    assert [r["step"] for r in rows if key in r] == [2, 3]  # every 2 steps and at the end, no hang
-    for a, b in zip([r for r in rows if key in r], [r for r in ref if key in r]):
-        assert a[key] == b[key]
+    rows, ref = read_metrics(str(root / run_name)), read_metrics(str(local))
+    evaluated = [r for r in rows if "eval/val/i2t_R@1" in r]
+    assert [r["step"] for r in evaluated] == [2, 3]  # every 2 steps and at the end
+    for a, b in zip(evaluated, [r for r in ref if "eval/val/i2t_R@1" in r]):
+        for key in ("eval/val/i2t_R@1", "eval/val/t2i_R@1", "eval/val/i2t_R@5"):
+            assert a[key] == b[key]
+
+
+def test_a_zero3_run_folder_loads_consolidates_and_evaluates_like_any_other(launched, local_runs):
+    from typer.testing import CliRunner
+
+    from sparc_cli.main import app
+    from sparc_kit.engines import consolidate_zero_checkpoint
+
+    root, manifest, _ = launched
+    run = root / "zero3-eval-sparc"
     pretrained = sparc_kit.load_pretrained(str(run))  # the consolidated fp32 weights of the ZeRO-3 run
     assert pretrained.step == 3
-    assert max_difference(
-        {k: v for k, v in pretrained.model.state_dict().items()}, final_weights(local)
-    ) < TOL
+    assert max_difference(dict(pretrained.model.state_dict()), final_weights(local_runs["sparc"])) < TOL
+    # the same weights rebuilt from DeepSpeed's partitions alone, without a process group
+    parts = consolidate_zero_checkpoint(latest_checkpoint(str(run / "checkpoints")))
+    saved = final_weights(run)
+    assert parts["model"].keys() == saved.keys()
+    assert all(torch.equal(parts["model"][k], saved[k]) for k in saved)
+    result = CliRunner().invoke(app, ["eval", str(run), "--task", "retrieval", "--data", manifest])
+    assert result.exit_code == 0, result.output
+    logged = [r for r in read_metrics(str(run)) if "eval/val/i2t_R@1" in r][-1]
+    written = json.loads((run / "eval" / "retrieval.json").read_text())
+    assert written["metrics"]["i2t_R@1"] == logged["eval/val/i2t_R@1"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
