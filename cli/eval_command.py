@@ -54,10 +54,12 @@ def eval_command(
             specs = build_eval_specs(task, data, classnames, templates, batch_size, max_samples)
     except ValueError as exc:
         _fail(str(exc))
-    if device == "auto":
-        import torch
+    from sparc_kit.engines.base import resolve_device
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = str(resolve_device(device, field="--device"))
+    except ValueError as exc:
+        _fail(str(exc))
     try:
         pretrained = load_pretrained(target, device=device)
         if specs is None:

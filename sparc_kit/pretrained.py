@@ -197,6 +197,12 @@ def load_pretrained(run_or_checkpoint: str | os.PathLike, device: str | torch.de
     from sparc_kit.models import build_model
     from sparc_kit.train.checkpoint import load_model_weights
 
+    from sparc_kit.engines.base import resolve_device
+
+    try:
+        device = resolve_device(device, field="device")
+    except ValueError as exc:
+        raise PretrainedError(str(exc)) from None
     weights, home = _resolve(str(run_or_checkpoint))
     recipe_path = os.path.join(home, "recipe.yaml")
     try:

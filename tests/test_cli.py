@@ -372,3 +372,11 @@ def test_smoke_help(cli):
     for args in (("--help",), ("train", "--help"), ("recipes", "--help"), ("components", "--help")):
         result = cli(*args)
         assert result.exit_code == 0, (args, result.output)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_eval_on_a_device_that_is_not_there_is_one_line_and_exit_2(cli, tmp_path):
+    result = cli("eval", str(tmp_path), "--device", "cuda")
+    assert_bad_input(result, ["error: --device is 'cuda' but CUDA is not available here (use 'auto' or 'cpu')"])
+    assert_bad_input(cli("eval", str(tmp_path), "--device", "gpu0"),
+                     ["error: --device: 'gpu0' is not a device (cpu, cuda, cuda:1, ... or auto)"])

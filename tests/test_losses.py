@@ -698,3 +698,24 @@ def test_gradients_match_finite_differences_of_reference(weighting, threshold, a
     assert abs(float(s_r.grad) - fd_scale) <= 1e-3 + 1e-3 * abs(fd_scale)
     # padded token positions get no gradient
     assert float(t_r.grad[1, 2].abs().max()) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# float64 in, float64 out: the losses promote, never demote
+
+
+@pytest.mark.parametrize("average", ["token", "caption"])
+@pytest.mark.parametrize("weighting,threshold", WEIGHTING_CASES)
+def test_float64_inputs_match_the_float64_reference_to_rounding(weighting, threshold, average):
+    patch, token = make_inputs(seed=1, dtype=torch.float64)
+    mask = prefix_mask(LENGTHS)
+    out = sparc_fine_grained_loss(patch, token, mask, torch.tensor(LOGIT_SCALE, dtype=torch.float64),
+                                  threshold=threshold, average=average, weighting=weighting)
+    assert out.dtype == torch.float64
+    expected = ref_fine_grained_loss(patch, token, mask, LOGIT_SCALE, threshold, average, weighting)
+    assert abs(float(out) - expected) <= 1e-12 * max(1.0, abs(expected))
+    g = torch.Generator().manual_seed(20)
+    img, txt = torch.randn(5, D, generator=g, dtype=torch.float64), torch.randn(5, D, generator=g, dtype=torch.float64)
+    clip = clip_loss(img, txt, LOGIT_SCALE)
+    assert clip.dtype == torch.float64
+    assert abs(float(clip) - ref_clip_loss(img, txt, LOGIT_SCALE)) <= 1e-12 * max(1.0, abs(float(clip)))

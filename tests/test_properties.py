@@ -34,7 +34,6 @@ Tiny shapes throughout (B = 3), so the file runs in seconds on a 2-core CPU.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -447,6 +446,23 @@ def test_loss_gradients_reach_exactly_what_the_loss_depends_on(name):
     assert inputs["logit_scale"].grad is not None and inputs["logit_scale"].grad.abs() > 0
     for pname, p in loss_fn.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES, ids=LOSS_NAMES)
+def test_loss_takes_a_plain_number_as_logit_scale_and_keeps_float64(name):
+    """A float ``logit_scale`` (as the functional forms accept) gives the tensor's loss; float64 inputs give a
+    float64 loss (promoted, never demoted: a float64 reference check is then exact)."""
+    loss_fn = build_loss(name).eval()
+    inputs = loss_inputs(6)
+    with torch.no_grad():
+        as_tensor = call_loss(loss_fn, inputs)["loss"]
+        as_float = call_loss(loss_fn, {**inputs, "logit_scale": 7.0})["loss"]
+    torch.testing.assert_close(as_float, as_tensor)
+    wide = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = call_loss(loss_fn.double(), wide)["loss"]
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), as_tensor, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES, ids=LOSS_NAMES)

@@ -115,6 +115,8 @@ def test_checkpoint_holds_safetensors_weights_and_data_position(uninterrupted):
     ref_dir, _ = uninterrupted
     ckpts = sorted(os.listdir(os.path.join(ref_dir, "checkpoints")))
     assert ckpts == ["latest", "step_00000008", "step_00000012"]  # keep_checkpoints: 2
+    # the pointer names the newest folder (resume must not depend on the fallback scan)
+    assert open(os.path.join(ref_dir, "checkpoints", "latest")).read().strip() == "step_00000012"
     state = json.load(open(os.path.join(ref_dir, "checkpoints", "step_00000012", "state.json")))
     assert state["step"] == 12 and state["samples_seen"] == 12 * 8
     model = sparc_kit.build_model(micro_recipe())
@@ -368,3 +370,73 @@ def test_a_save_killed_halfway_leaves_the_last_checkpoint_and_is_cleaned_up(unin
     assert resumed.resumed_from == 4
     assert_same_weights(weights(ref_dir), weights(out))
     assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if d.startswith(".tmp")]
+
+
+def test_the_latest_pointer_names_the_step_folder_for_modules_with_extra_files(tmp_path):
+    """save_checkpoint with a loss module wrote the loop variable's last value ('loss') into the pointer."""
+    from sparc_kit.train import save_checkpoint
+
+    root = str(tmp_path / "checkpoints")
+    save_checkpoint(root, 3, torch.nn.Linear(2, 2), {}, {"samples_seen": 0}, extra_modules={"loss": torch.nn.Linear(1, 1)})
+    assert open(os.path.join(root, "latest")).read().strip() == "step_00000003"
+
+
+class _DuringBackward(torch.nn.Module):
+    """Wraps a loss; at call ``at`` its backward runs ``action`` (send a signal, raise): an interrupt that lands
+    inside a step, where most of a step's time is spent."""
+
+    def __init__(self, inner, at, action):
+        super().__init__()
+        self.inner, self.at, self.action, self.calls = inner, at, action, 0
+
+    def forward(self, **kw):
+        out = self.inner(**kw)
+        self.calls += 1
+        if self.calls == self.at:
+            out["loss"].register_hook(lambda g: (self.action(), g)[1])
+        return out
+
+
+def _interrupt_in_backward(monkeypatch, at, action):
+    import sparc_kit.train.loop as loop
+
+    real_build = loop.build_loss
+    monkeypatch.setattr(loop, "build_loss", lambda recipe: _DuringBackward(real_build(recipe), at, action))
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_backward_finishes_the_step_saves_it_and_resumes_identically(
+    uninterrupted, tmp_path, monkeypatch, signum
+):
+    """Ctrl-C (or a scheduler's SIGTERM) inside step 3's backward: the step completes, step 3 is saved (not
+    a periodic checkpoint: those are every 4), and the rerun ends bit-identical to an uninterrupted run."""
+    import signal
+
+    ref_dir, _ = uninterrupted
+    out = str(tmp_path / "run")
+    _interrupt_in_backward(monkeypatch, 3, lambda: os.kill(os.getpid(), getattr(signal, signum)))
+    with pytest.raises(TrainingInterrupted) as info:
+        train(micro_recipe("train.steps=12"), out, progress=False)
+    assert info.value.step == 3 and info.value.saved
+    assert str(info.value) == f"interrupted after step 3; checkpoint saved in {out}; run again to resume"
+    assert latest_checkpoint(os.path.join(out, "checkpoints")).endswith("step_00000003")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+    monkeypatch.undo()
+    resumed = train(micro_recipe("train.steps=12"), out, progress=False)
+    assert resumed.resumed_from == 3
+    assert_same_weights(weights(ref_dir), weights(out))
+
+
+def test_a_forced_stop_inside_a_step_never_claims_a_checkpoint(tmp_path, monkeypatch):
+    """A KeyboardInterrupt inside step 2's backward (a second Ctrl-C) before any checkpoint: nothing is saved
+    and the message says so."""
+    out = str(tmp_path / "run")
+
+    def boom():
+        raise KeyboardInterrupt
+
+    _interrupt_in_backward(monkeypatch, 2, boom)
+    with pytest.raises(TrainingInterrupted) as info:
+        train(micro_recipe("train.steps=12"), out, progress=False)
+    assert not info.value.saved and latest_checkpoint(os.path.join(out, "checkpoints")) is None
+    assert str(info.value) == f"interrupted before the first checkpoint; nothing was saved in {out}"

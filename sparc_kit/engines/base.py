@@ -35,13 +35,21 @@ class EngineSetupError(ValueError):
     """An engine that cannot run as the recipe asks (missing package, impossible layout, bad launcher state)."""
 
 
-def resolve_device(device: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU."""
-    if device == "auto":
+def resolve_device(device: str | torch.device, local_rank: int = 0, field: str = "train.device") -> torch.device:
+    """``auto``: this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else the CPU. ``field`` names
+    the setting in the error for a device that is not there."""
+    if str(device) == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EngineSetupError(f"{field}: {device!r} is not a device (cpu, cuda, cuda:1, ... or auto)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EngineSetupError(f"train.device is {device!r} but CUDA is not available here (use 'auto' or 'cpu')")
+        raise EngineSetupError(f"{field} is {str(device)!r} but CUDA is not available here (use 'auto' or 'cpu')")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise EngineSetupError(
+            f"{field} is {str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     return dev

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
+from sparc_kit.losses.functional import scale_like, wide
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -51,8 +52,8 @@ def filip_similarities(
 
     Memory: the [B, B, P, L] similarity tensor, O(B^2 L P).
     """
-    x = F.normalize(patch_embeds.float(), dim=-1)  # [B, P, D]
-    y = F.normalize(token_embeds.float(), dim=-1)  # [B, L, D]
+    x = F.normalize(wide(patch_embeds), dim=-1)  # [B, P, D]
+    y = F.normalize(wide(token_embeds), dim=-1)  # [B, L, D]
     mask = token_mask.bool()
     sim = torch.einsum("ipd,jld->ijpl", x, y)  # [B_img, B_txt, P, L]
     real = mask[None, :, None, :]  # [1, B_txt, 1, L]
@@ -118,7 +119,7 @@ class FilipLoss(GlobalPlusFineLoss):
             mask = token_mask.bool()
             if self.training and self.token_drop > 0:
                 mask = drop_tokens(mask, self.token_drop)
-            scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
+            scale = scale_like(logit_scale, patch_embeds)
 
             def scores(images, texts):
                 s_image, s_text = filip_similarities(images[0], texts[0], texts[1])  # [n_img, n_txt] each

@@ -3,7 +3,7 @@
 Shapes: B batch, P patches, L tokens, D embedding width. ``token_mask`` is True for real tokens.
 ``logit_scale`` is the multiplier 1/tau (a tensor, usually the exp of the model's learned log scale).
 
-All normalisation runs in float32, also under bf16 autocast: min-max normalisation divides by a range that can be
+All normalisation runs in float32 or wider (float64 inputs stay float64), also under bf16 autocast: min-max normalisation divides by a range that can be
 tiny, and the softmax over a caption's tokens is sensitive to rounding.
 """
 
@@ -22,6 +22,8 @@ __all__ = [
     "average_denominator",
     "contrastive_accuracy",
     "symmetric_cross_entropy",
+    "wide",
+    "scale_like",
 ]
 
 Average = Literal["token", "caption"]
@@ -30,8 +32,22 @@ Weighting = Literal["sparse", "dense", "softmax"]
 _RANGE_EPS = 1e-6
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 or wider: bf16 / fp16 are promoted, float64 is kept (never demoted), so the losses are
+    exact against a float64 reference."""
+    return t.to(torch.promote_types(t.dtype, torch.float32)) if t.is_floating_point() else t.float()
+
+
+def scale_like(logit_scale: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """The logit scale (a tensor, with its gradient, or a plain number) in ``like``'s (widened) dtype and device."""
+    dtype = torch.promote_types(like.dtype, torch.float32)
+    if torch.is_tensor(logit_scale):
+        return logit_scale.to(device=like.device, dtype=torch.promote_types(logit_scale.dtype, dtype))
+    return torch.tensor(float(logit_scale), dtype=dtype, device=like.device)
+
+
 def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    return [t.float() for t in tensors]
+    return [wide(t) for t in tensors]
 
 
 def _no_autocast(device: torch.device):
@@ -50,7 +66,7 @@ def clip_loss(
         image, text = _float32(image_embeds, text_embeds)
         image = F.normalize(image, dim=-1)
         text = F.normalize(text, dim=-1)
-        logits = torch.as_tensor(logit_scale, dtype=torch.float32, device=image.device) * image @ text.t()
+        logits = scale_like(logit_scale, image) * image @ text.t()
         return symmetric_cross_entropy(logits, logits.t())
 
 
@@ -192,7 +208,7 @@ def sparc_fine_grained_loss(
         grouped = torch.einsum("blp,bpd->bld", weights, patches)  # [B, L, D], eq. 5
         grouped = F.normalize(grouped, dim=-1)
         tokens_n = F.normalize(tokens, dim=-1)
-        scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=patches.device)
+        scale = scale_like(logit_scale, patches)
         logits = scale * torch.einsum("bjd,bkd->bjk", grouped, tokens_n)  # [B, L, L]: grouped j vs token k
         if denominator is None:
             denominator = average_denominator(token_mask, average)

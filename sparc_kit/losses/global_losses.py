@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import _row_counts, batch_share, gather_rows, world
+from sparc_kit.losses.functional import scale_like, wide
 from sparc_kit.registry import losses
 
 __all__ = [
@@ -60,9 +61,9 @@ def global_logits(
     gather-with-grad): each process contrasts its own samples against everyone's, so memory stays linear in
     the global batch. Without ``local_loss`` every process computes the whole [B_global, B_global] matrix.
     """
-    image = F.normalize(image_embeds.float(), dim=-1)
-    text = F.normalize(text_embeds.float(), dim=-1)
-    scale = logit_scale.float()
+    image = F.normalize(wide(image_embeds), dim=-1)
+    text = F.normalize(wide(text_embeds), dim=-1)
+    scale = scale_like(logit_scale, image)
     rank, world_size = _world()
     if world_size > 1:
         counts = _row_counts(image.shape[0], image.device)
@@ -126,7 +127,7 @@ def logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale) -> dict[str,
         "t2i_acc": t2i,
         "pos_logit": positives.mean(),
         "neg_logit": negatives.mean() if negatives.numel() else positives.new_zeros(()),
-        "logit_scale": logit_scale.detach().float(),
+        "logit_scale": torch.as_tensor(logit_scale).detach().float(),
     }
 
 
@@ -164,10 +165,10 @@ class SigLipLoss(nn.Module):
 
     def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
-            image = F.normalize(image_embeds.float(), dim=-1)  # [B, D]
-            text = F.normalize(text_embeds.float(), dim=-1)  # [B, D]
-            scale = torch.as_tensor(logit_scale, device=image.device).float()
-            bias = self.bias.float()
+            image = F.normalize(wide(image_embeds), dim=-1)  # [B, D]
+            text = F.normalize(wide(text_embeds), dim=-1)  # [B, D]
+            scale = scale_like(logit_scale, image)
+            bias = self.bias.to(scale.dtype)
             _, world_size = _world()
             all_text, offset = gather_rows(text)  # [B_global, D]
             logits = scale * image @ all_text.t() + bias  # [B_local, B_global]

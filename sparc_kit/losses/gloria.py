@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
+from sparc_kit.losses.functional import scale_like, wide
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -44,8 +45,8 @@ def gloria_similarities(
 
     Memory: the [B, B, L, P] attention and the [B, B, L, D] attended vectors, O(B^2 L (P + D)).
     """
-    words = token_embeds.float()  # [B, L, D]
-    regions = patch_embeds.float()  # [B, P, D]
+    words = wide(token_embeds)  # [B, L, D]
+    regions = wide(patch_embeds)  # [B, P, D]
     mask = token_mask.bool()
     scores = torch.einsum("ild,kpd->iklp", words, regions) / math.sqrt(words.shape[-1])  # [B_txt, B_img, L, P]
     fill = torch.finfo(scores.dtype).min
@@ -103,7 +104,7 @@ class GloriaLoss(GlobalPlusFineLoss):
         """GLoRIA's local loss and its (image->text, text->image) logits with rows the query side ([B, B];
         [B_local, B_global] with several processes) and each row's positive column."""
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
-            scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
+            scale = scale_like(logit_scale, patch_embeds)
 
             def scores(images, texts):
                 match = gloria_similarities(

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
-from sparc_kit.losses.functional import masked_pairwise_contrastive_loss
+from sparc_kit.losses.functional import masked_pairwise_contrastive_loss, scale_like, wide
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -141,10 +141,10 @@ class MgcaLoss(GlobalPlusFineLoss):
 
     def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale) -> torch.Tensor:
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
-            tokens = F.normalize(token_embeds.float(), dim=-1)  # [B, L, E]
-            patches = F.normalize(patch_embeds.float(), dim=-1)  # [B, P, E]
+            tokens = F.normalize(wide(token_embeds), dim=-1)  # [B, L, E]
+            patches = F.normalize(wide(patch_embeds), dim=-1)  # [B, P, E]
             mask = token_mask.bool()
-            scale = torch.as_tensor(logit_scale, device=tokens.device).float()
+            scale = scale_like(logit_scale, tokens)
 
             attended = F.normalize(self.word_attention(tokens, patches), dim=-1)  # [B, L, E]
             word_logits = scale * tokens @ attended.transpose(1, 2)  # [B, L, L]: word j vs attended k

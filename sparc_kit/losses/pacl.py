@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
+from sparc_kit.losses.functional import scale_like, wide
 from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
 from sparc_kit.registry import losses
 
@@ -33,8 +34,8 @@ def pacl_similarities(
 
     Memory: the [B, B, P] weights and the [B, B, D] pooled embeddings, O(B^2 (P + D)).
     """
-    patches = patch_embeds.float()  # [B, P, D]
-    text = F.normalize(text_embeds.float(), dim=-1)  # [B, D]
+    patches = wide(patch_embeds)  # [B, P, D]
+    text = F.normalize(wide(text_embeds), dim=-1)  # [B, D]
     cos = torch.einsum("ipd,jd->ijp", F.normalize(patches, dim=-1), text)  # [B_img, B_txt, P]
     weights = (attn_scale * cos).softmax(dim=-1)  # [B_img, B_txt, P]
     pooled = torch.einsum("ijp,ipd->ijd", weights, patches)  # [B_img, B_txt, D]
@@ -84,7 +85,7 @@ class PaclLoss(GlobalPlusFineLoss):
         """PACL's loss and its (image->text, text->image) logits with rows the query side ([B, B]; [B_local,
         B_global] with several processes) and each row's positive column."""
         with torch.autocast(device_type=patch_embeds.device.type, enabled=False):
-            scale = torch.as_tensor(logit_scale, device=patch_embeds.device).float()
+            scale = scale_like(logit_scale, patch_embeds)
             attn_scale = scale if self.attn_scale is None else self.attn_scale
 
             def scores(images, texts):

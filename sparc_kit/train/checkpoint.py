@@ -102,10 +102,10 @@ def save_checkpoint(
     final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
-        for name, module in {"model": model, **(extra_modules or {})}.items():
+        for part, module in {"model": model, **(extra_modules or {})}.items():
             weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            if weights or name == "model":
-                save_file(weights, os.path.join(tmp, f"{name}.safetensors"), metadata={"format": "pt", "step": str(step)})
+            if weights or part == "model":
+                save_file(weights, os.path.join(tmp, f"{part}.safetensors"), metadata={"format": "pt", "step": str(step)})
         torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"step": step, **state}, f, indent=1)

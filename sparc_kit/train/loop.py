@@ -62,12 +62,24 @@ __all__ = [
 
 
 class TrainingInterrupted(RuntimeError):
-    def __init__(self, step: int, out_dir: str):
-        self.step, self.out_dir = step, out_dir
-        super().__init__(f"interrupted after step {step}; checkpoint saved in {out_dir}; run again to resume")
+    """A run stopped by Ctrl-C or SIGTERM. ``saved``: a checkpoint of ``step`` was written now; otherwise
+    ``step`` is the newest checkpoint on disk (0: none), which a rerun resumes from."""
+
+    def __init__(self, step: int, out_dir: str, saved: bool = True):
+        self.step, self.out_dir, self.saved = step, out_dir, saved
+        if saved:
+            message = f"interrupted after step {step}; checkpoint saved in {out_dir}; run again to resume"
+        elif step:
+            message = (
+                f"interrupted inside a step; nothing new was saved: run again to resume from the checkpoint of step "
+                f"{step} in {out_dir}"
+            )
+        else:
+            message = f"interrupted before the first checkpoint; nothing was saved in {out_dir}"
+        super().__init__(message)
 
     def __reduce__(self):
-        return (TrainingInterrupted, (self.step, self.out_dir))
+        return (TrainingInterrupted, (self.step, self.out_dir, self.saved))
 
 
 class RunFolderBusyError(RuntimeError):
@@ -334,26 +346,26 @@ def _on_main(engine: Engine, fn: Callable[[], Any]) -> Any:
 
 
 class _StopSignals:
-    """With several processes, SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping the job)
-    ask for a stop at the end of the current step: the processes agree on it in that step's all-reduce, save a
-    checkpoint together and exit. A terminal's Ctrl-C reaches a process twice (directly, and passed on by the
-    launcher), so the third SIGINT is the one that stops at once."""
+    """SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping the job) ask for a stop at the end
+    of the current step, whatever the step was doing (most of its time is backward and the update): the step
+    completes, a checkpoint is saved, the run stops. With several processes they agree on it in that step's
+    all-reduce and save together. Pressing Ctrl-C again stops at once (a terminal's Ctrl-C reaches each process
+    of a launched run twice, directly and passed on by the launcher, so there it is the third)."""
 
-    def __init__(self, enabled: bool):
-        self.enabled, self.requested, self.previous = enabled, False, {}
+    def __init__(self, force_after: int):
+        self.force_after, self.requested, self.previous = force_after, False, {}
         self.interrupts = 0
 
     def __enter__(self):
-        if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                with contextlib.suppress(ValueError):  # not the main thread
-                    self.previous[sig] = signal.signal(sig, self._handle)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: Python's own handling stays
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT:
             self.interrupts += 1
-            if self.interrupts >= 3:
+            if self.interrupts >= self.force_after:
                 raise KeyboardInterrupt
         self.requested = True
 
@@ -377,8 +389,8 @@ def train(
 
     Every process of a multi-process run calls this with the same arguments (``sparc train --nproc``, torchrun,
     srun: the engine finds its process group). ``callback(step, values)`` is called at the end of every step,
-    after logging and checkpointing (for tests and notebooks). Ctrl-C saves a checkpoint of the last completed
-    step and raises :class:`TrainingInterrupted`; a non-finite loss raises :class:`NonFiniteLossError` before the
+    after logging and checkpointing (for tests and notebooks). Ctrl-C or SIGTERM lets the current step finish,
+    saves a checkpoint of it and raises :class:`TrainingInterrupted` (a second Ctrl-C stops at once); a non-finite loss raises :class:`NonFiniteLossError` before the
     update is applied. The run folder is locked for the duration (:class:`RunFolderBusyError` for a second
     trainer).
     """
@@ -569,7 +581,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     window_n, window_t0 = 0, time.perf_counter()
     in_update = False
     module.train()
-    stop = _StopSignals(engine.world_size > 1)
+    stop = _StopSignals(force_after=2 if engine.world_size == 1 else 3)
     try:
         with stop:
             batches = iter(loader)
@@ -623,20 +635,22 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                 elapsed = time.perf_counter() - t_loop
                 eta = elapsed / max(step - start_step, 1) * (total - step)
                 reporter.update(step, row, eta)
-                stopping = result.extras.get("stop", 0.0) > 0
+                # one process may stop on its own flag; several stop on the flag they agreed on in the step
+                stopping = result.extras.get("stop", 0.0) > 0 or (engine.world_size == 1 and stop.requested)
                 if step % cfg_train.checkpoint_every == 0 or step == total or stopping:
                     checkpoint(committed)
                 if stopping:
                     raise TrainingInterrupted(step, out_dir)
                 if callback is not None:
                     callback(step, values)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a forced stop (Ctrl-C twice), or one raised by a callback
         reporter.close()
         if in_update or engine.world_size > 1:  # weights may be half-updated; or the others are mid-step
-            raise TrainingInterrupted(_ckpt_step(ckpt_root), out_dir) from None
-        if committed.step > start_step:
+            raise TrainingInterrupted(_ckpt_step(ckpt_root), out_dir, saved=False) from None
+        if committed.step > _ckpt_step(ckpt_root):
             checkpoint(committed)
-        raise TrainingInterrupted(committed.step, out_dir) from None
+            raise TrainingInterrupted(committed.step, out_dir) from None
+        raise TrainingInterrupted(committed.step, out_dir, saved=committed.step > 0) from None
     finally:
         reporter.close()
         if metrics_file is not None:
