@@ -134,6 +134,7 @@ def train(
             _launch(recipe, set_ or [], out_dir, quiet, nproc, cfg)
     from sparc_kit.engines import EngineSetupError
     from sparc_kit.train import (
+        NonFiniteGradientError,
         NonFiniteLossError,
         ResumeMismatchError,
         RunFolderBusyError,
@@ -146,7 +147,9 @@ def train(
     rank, world = _rank_and_world()
     try:
         result = run_train(cfg, out_dir, progress=not quiet)
-    except (ResumeMismatchError, RunFolderBusyError, NonFiniteLossError, TooManyBadSamplesError) as exc:
+    except (
+        ResumeMismatchError, RunFolderBusyError, NonFiniteLossError, NonFiniteGradientError, TooManyBadSamplesError
+    ) as exc:
         _fail_run(exc, 1)
     except TrainingInterrupted as exc:
         if rank == 0:

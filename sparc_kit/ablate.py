@@ -671,7 +671,13 @@ def run_sweep(
 
 
 def _run_in_process(sweep, todo, outcome, train_fn, progress, say) -> None:
-    from sparc_kit.train import NonFiniteLossError, RunFolderBusyError, TooManyBadSamplesError, TrainingInterrupted
+    from sparc_kit.train import (
+        NonFiniteGradientError,
+        NonFiniteLossError,
+        RunFolderBusyError,
+        TooManyBadSamplesError,
+        TrainingInterrupted,
+    )
 
     if train_fn is None:
         from sparc_kit.train import train as train_fn
@@ -685,7 +691,9 @@ def _run_in_process(sweep, todo, outcome, train_fn, progress, say) -> None:
         except (TrainingInterrupted, KeyboardInterrupt):
             outcome.interrupted = True
             return
-        except (NonFiniteLossError, TooManyBadSamplesError, RunFolderBusyError, ValueError) as exc:
+        except (
+            NonFiniteLossError, NonFiniteGradientError, TooManyBadSamplesError, RunFolderBusyError, ValueError
+        ) as exc:
             outcome.failed[point.run_dir] = str(exc).splitlines()[0]
             say(f"  failed: {outcome.failed[point.run_dir]}")
             continue

@@ -440,3 +440,54 @@ def test_a_forced_stop_inside_a_step_never_claims_a_checkpoint(tmp_path, monkeyp
         train(micro_recipe("train.steps=12"), out, progress=False)
     assert not info.value.saved and latest_checkpoint(os.path.join(out, "checkpoints")) is None
     assert str(info.value) == f"interrupted before the first checkpoint; nothing was saved in {out}"
+
+
+def test_a_non_finite_gradient_with_a_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
+    """Step 3's loss is finite but the gradient reaching the image embeddings is NaN: the run stops naming the
+    step and the first parameter (in the model's order) whose gradient is not finite; step 2 is the resume point."""
+    import sparc_kit.train.loop as loop
+    from sparc_kit.train import NonFiniteGradientError
+
+    class NanGradientAt(torch.nn.Module):
+        def __init__(self, inner, at):
+            super().__init__()
+            self.inner, self.at, self.calls = inner, at, 0
+
+        def forward(self, **kw):
+            self.calls += 1
+            if self.calls == self.at:
+                kw["image_embeds"].register_hook(lambda g: torch.full_like(g, float("nan")))
+            return self.inner(**kw)
+
+    real_build = loop.build_loss
+    monkeypatch.setattr(loop, "build_loss", lambda recipe: NanGradientAt(real_build(recipe), 3))
+    out = str(tmp_path / "run")
+    with pytest.raises(NonFiniteGradientError) as info:
+        train(micro_recipe("train.steps=12", "train.checkpoint_every=2"), out, progress=False)
+    assert info.value.step == 3 and not info.value.applied
+    # the NaN reaches the image tower only: the first of its parameters in the model's order is named
+    first = next(k for k in sparc_kit.build_model(micro_recipe()).state_dict() if k.startswith("vision."))
+    assert first == "vision.pos_embed" and info.value.parameter == "model.vision.pos_embed"
+    assert "gradient is not finite at step 3 in model.vision.pos_embed while the loss is finite" in str(info.value)
+    assert latest_checkpoint(os.path.join(out, "checkpoints")).endswith("step_00000002")
+
+
+@pytest.mark.parametrize("name", ["local", "ddp"])
+def test_the_engine_leaves_the_weights_alone_on_a_non_finite_gradient(name):
+    from sparc_kit.engines import BatchLayout, NonFiniteGradient, OptimizerSpec, param_groups
+    from sparc_kit.registry import engines
+
+    engine = engines.build(name, {}, device="cpu", precision="fp32")
+    try:
+        module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+        engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=0.1), BatchLayout(2))
+        before = {k: v.clone() for k, v in engine.unwrap().state_dict().items()}
+        loss = engine(torch.ones(2, 3)).sum()
+        engine.unwrap()[1].weight.register_hook(lambda g: g * float("inf"))
+        engine.backward(loss)
+        with pytest.raises(NonFiniteGradient) as info:
+            engine.step(1.0)
+        assert info.value.parameter == "1.weight"
+        assert_same_weights(before, engine.unwrap().state_dict())
+    finally:
+        engine.close()

@@ -1,7 +1,15 @@
 """Engines: how the training loop runs. ``local`` (one process), ``ddp`` (torch DistributedDataParallel) and
 ``deepspeed`` (ZeRO 0-3, offload), all behind the interface of :class:`~sparc_kit.engines.base.Engine`."""
 
-from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups, resolve_device
+from sparc_kit.engines.base import (
+    BatchLayout,
+    Engine,
+    EngineSetupError,
+    NonFiniteGradient,
+    OptimizerSpec,
+    param_groups,
+    resolve_device,
+)
 from sparc_kit.engines.ddp import DDPEngine
 from sparc_kit.engines.deepspeed import DeepSpeedEngine, consolidate_zero_checkpoint
 from sparc_kit.engines.local import LocalEngine
@@ -14,6 +22,7 @@ __all__ = [
     "BatchLayout",
     "OptimizerSpec",
     "EngineSetupError",
+    "NonFiniteGradient",
     "param_groups",
     "resolve_device",
     "consolidate_zero_checkpoint",

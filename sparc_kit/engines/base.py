@@ -28,11 +28,31 @@ import torch.nn as nn
 
 from sparc_kit.engines import distributed
 
-__all__ = ["Engine", "OptimizerSpec", "BatchLayout", "EngineSetupError", "param_groups", "resolve_device"]
+__all__ = [
+    "Engine",
+    "OptimizerSpec",
+    "BatchLayout",
+    "EngineSetupError",
+    "NonFiniteGradient",
+    "param_groups",
+    "resolve_device",
+]
 
 
 class EngineSetupError(ValueError):
     """An engine that cannot run as the recipe asks (missing package, impossible layout, bad launcher state)."""
+
+
+class NonFiniteGradient(RuntimeError):
+    """``step`` found a gradient that is NaN or infinite; ``applied`` tells whether the update went through
+    anyway (an engine that can only see the norm after its own step)."""
+
+    def __init__(self, parameter: str | None, applied: bool = False):
+        self.parameter, self.applied = parameter, applied
+        super().__init__(f"non-finite gradient in {parameter or 'a parameter'}")
+
+    def __reduce__(self):
+        return (NonFiniteGradient, (self.parameter, self.applied))
 
 
 def resolve_device(device: str | torch.device, local_rank: int = 0, field: str = "train.device") -> torch.device:

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.nn as nn
 
-from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec
+from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
 from sparc_kit.registry import engines
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config", "check_recipe", "consolidate_zero_checkpoint", "DS_TAG"]
@@ -364,7 +364,11 @@ class DeepSpeedEngine(Engine):
     def step(self, grad_clip: float | None) -> float:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else float("nan")
+        if norm != norm or norm in (float("inf"), float("-inf")):
+            # DeepSpeed computes the norm inside its step: fp32 and bf16 updates are not skipped
+            raise NonFiniteGradient(None, applied=True)
+        return norm
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:

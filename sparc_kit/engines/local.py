@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, resolve_device
+from sparc_kit.engines.base import BatchLayout, Engine, NonFiniteGradient, OptimizerSpec, resolve_device
 from sparc_kit.registry import engines
 
 __all__ = ["LocalEngine", "resolve_device", "grad_norm"]
@@ -63,7 +63,16 @@ class LocalEngine(Engine):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, grad_clip: float | None) -> float:
-        norm = grad_norm(self._params(), grad_clip)
+        norm = grad_norm(self._params(), None)  # before clipping: a non-finite norm must stop the update
+        if not torch.isfinite(norm):
+            bad = next(
+                (n for n, p in self.unwrap().named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
+                None,
+            )
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteGradient(bad)
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params(), grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)

@@ -21,7 +21,7 @@ from sparc_kit.train.loop import (
 from sparc_kit.train.module import TrainModule
 from sparc_kit.train.schedule import lr_factor
 from sparc_kit.train.state import TrainState
-from sparc_kit.train.step import NonFiniteLossError, StepResult, compute_gradients, train_step
+from sparc_kit.train.step import NonFiniteGradientError, NonFiniteLossError, StepResult, compute_gradients, train_step
 
 __all__ = [
     "train",
@@ -33,6 +33,7 @@ __all__ = [
     "save_train_checkpoint",
     "TrainResult",
     "NonFiniteLossError",
+    "NonFiniteGradientError",
     "ResumeMismatchError",
     "RunFolderBusyError",
     "TooManyBadSamplesError",

@@ -22,9 +22,17 @@ from typing import Any
 
 import torch
 
+from sparc_kit.engines.base import NonFiniteGradient
 from sparc_kit.train.module import snapshot_rng
 
-__all__ = ["train_step", "compute_gradients", "StepResult", "NonFiniteLossError", "split_batch"]
+__all__ = [
+    "train_step",
+    "compute_gradients",
+    "StepResult",
+    "NonFiniteLossError",
+    "NonFiniteGradientError",
+    "split_batch",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,6 +48,26 @@ class NonFiniteLossError(RuntimeError):
 
     def __reduce__(self):  # survives pickling (sent between processes)
         return (NonFiniteLossError, (self.step, self.value, self.last_finite_step))
+
+
+class NonFiniteGradientError(RuntimeError):
+    """The loss was finite but a gradient was not; the update was not applied (unless ``applied``)."""
+
+    def __init__(self, step: int, parameter: str | None, applied: bool = False):
+        self.step, self.parameter, self.applied = step, parameter, applied
+        where = f"in {parameter}" if parameter else "(the engine reports only the norm)"
+        effect = (
+            "the engine had already applied the update; resume from the last checkpoint, which is intact"
+            if applied
+            else "the update was not applied and the last checkpoint is intact"
+        )
+        super().__init__(
+            f"gradient is not finite at step {step} {where} while the loss is finite; {effect}; try a lower "
+            "optim.lr, optim.grad_clip, or train.precision=fp32"
+        )
+
+    def __reduce__(self):
+        return (NonFiniteGradientError, (self.step, self.parameter, self.applied))
 
 
 @dataclass
@@ -157,5 +185,8 @@ def train_step(
     values, extras_out = compute_gradients(
         engine, batch, accum_steps, step=step, last_finite=last_finite, extras=extras
     )
-    grad_norm = engine.step(grad_clip)
+    try:
+        grad_norm = engine.step(grad_clip)
+    except NonFiniteGradient as exc:
+        raise NonFiniteGradientError(step if step is not None else -1, exc.parameter, exc.applied) from None
     return StepResult(values, float(grad_norm), extras_out)
