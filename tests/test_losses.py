@@ -719,3 +719,35 @@ def test_float64_inputs_match_the_float64_reference_to_rounding(weighting, thres
     clip = clip_loss(img, txt, LOGIT_SCALE)
     assert clip.dtype == torch.float64
     assert abs(float(clip) - ref_clip_loss(img, txt, LOGIT_SCALE)) <= 1e-12 * max(1.0, abs(float(clip)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SPARC's diagnostics
+
+
+def test_zeroed_fraction_reports_what_the_threshold_removed():
+    """Without a threshold nothing is removed (the patch min-max maps to 0 is not the threshold's doing); with
+    sigma = 1 only each row's best patch survives, so the threshold removes P - 2 of P (the worst was 0 anyway)."""
+    from sparc_kit.losses import SparcLoss
+
+    patch, token = make_inputs(seed=3)
+    mask = prefix_mask(LENGTHS)
+    kw = dict(image_embeds=patch.mean(1), text_embeds=token.mean(1), patch_embeds=patch, token_embeds=token,
+              token_mask=mask, logit_scale=torch.tensor(LOGIT_SCALE))
+    with torch.no_grad():
+        assert float(SparcLoss(weighting="dense")(**kw)["zeroed_fraction"]) == 0.0
+        assert float(SparcLoss(weighting="softmax")(**kw)["zeroed_fraction"]) == 0.0
+        assert float(SparcLoss(sparsity_threshold=0.0)(**kw)["zeroed_fraction"]) == 0.0
+        one = SparcLoss(sparsity_threshold=1.0)(**kw)
+        assert float(one["zeroed_fraction"]) == pytest.approx((P - 2) / P)
+        assert float(one["patches_per_token"]) == 1.0
+        # the default 1/P: what the threshold removed, counted independently from the reference weights
+        removed = total = 0
+        for i in range(B):
+            for l in range(int(mask[i].sum())):
+                sim = [sum(a * b for a, b in zip(token[i, l].tolist(), patch[i, p].tolist())) for p in range(P)]
+                lo, hi = min(sim), max(sim)
+                normalised = [(s - lo) / (hi - lo) for s in sim]
+                removed += sum(1 for x in normalised if 0 < x < 1 / P)
+                total += P
+        assert float(SparcLoss()(**kw)["zeroed_fraction"]) == pytest.approx(removed / total)

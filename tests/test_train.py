@@ -491,3 +491,16 @@ def test_the_engine_leaves_the_weights_alone_on_a_non_finite_gradient(name):
         assert_same_weights(before, engine.unwrap().state_dict())
     finally:
         engine.close()
+
+
+def test_diagnostics_are_computed_on_logged_steps_only_and_every_row_has_the_same_columns(tmp_path, monkeypatch):
+    from sparc_kit.losses import SparcLoss
+
+    calls = []
+    real = SparcLoss._sparsity_stats
+    monkeypatch.setattr(SparcLoss, "_sparsity_stats", lambda self, *a: (calls.append(1), real(self, *a))[1])
+    result = train(micro_recipe("train.steps=6", "train.log_every=3"), str(tmp_path / "run"), progress=False)
+    assert len(calls) == 2  # steps 3 and 6, not every step
+    assert [r["step"] for r in result.metrics] == [3, 6]
+    assert result.metrics[0].keys() == result.metrics[1].keys()
+    assert {"shortcut_gap", "zeroed_fraction", "patches_per_token", "loss", "grad_norm"} <= result.metrics[0].keys()

@@ -6,7 +6,8 @@ from typing import Literal
 
 import torch
 
-from sparc_kit.losses.functional import average_denominator, sparc_fine_grained_loss
+from sparc_kit.losses.diagnostics import diagnostics_enabled
+from sparc_kit.losses.functional import average_denominator, sparc_alignment_weights, sparc_fine_grained_loss, wide
 from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss
 from sparc_kit.registry import losses
 
@@ -25,10 +26,11 @@ class SparcLoss(ClipLoss):
     sigmoid loss with a learned bias initialised to -10; the bias is then a parameter of this module, ``siglip.bias``,
     to be optimised and checkpointed with it). The fine-grained term keeps its softmax contrast either way.
 
-    Diagnostics: the fraction of alignment weights the threshold zeroed, the mean number of patches a real
-    token groups, and the *shortcut gap*: the fine-grained loss recomputed (no gradient) with each caption
-    paired with the next image's patches, minus the real one. A gap near zero means the fine-grained loss is
-    being solved from the text alone.
+    Diagnostics (computed when :func:`~sparc_kit.losses.diagnostics.diagnostics_enabled`: the training loop
+    asks for them on logged steps only): the fraction of each token's patches the threshold itself removed, the
+    mean number of patches a real token groups, and the *shortcut gap*: the fine-grained loss recomputed (no
+    gradient) with each caption paired with the next image's patches, minus the real one. A gap near zero means
+    the fine-grained loss is being solved from the text alone.
     """
 
     def __init__(
@@ -111,21 +113,29 @@ class SparcLoss(ClipLoss):
             "fine_loss": fine_loss.detach(),
             **diag,
         }
-        if self.diagnostics:
+        if self.diagnostics and diagnostics_enabled():
             with torch.no_grad():
-                out.update(self._sparsity_stats(weights, token_mask))
-                if patch_embeds.shape[0] > 1:
-                    rolled = self.fine_loss(patch_embeds.roll(1, dims=0), token_embeds, token_mask, logit_scale)
-                    out["shortcut_gap"] = rolled - fine_loss.detach()
+                out.update(self._sparsity_stats(weights, patch_embeds, token_embeds, token_mask))
+                rolled = self.fine_loss(patch_embeds.roll(1, dims=0), token_embeds, token_mask, logit_scale)
+                # one pair: rolling pairs it with itself, so the gap is 0 (no other image to tell apart)
+                out["shortcut_gap"] = rolled - fine_loss.detach()
         return out
 
-    @staticmethod
-    def _sparsity_stats(weights: torch.Tensor, token_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _sparsity_stats(self, weights, patch_embeds, token_embeds, token_mask) -> dict[str, torch.Tensor]:
+        """``patches_per_token``: patches a real token groups (non-zero weights). ``zeroed_fraction``: the
+        share of a real token's P patches that the threshold itself removed, i.e. that have a non-zero weight
+        without it (``dense``) and zero with it: 0 for ``dense`` and ``softmax``. (Min-max normalisation maps
+        each row's least similar patch to exactly 0 whatever the threshold; that patch is not counted.)"""
         mask = token_mask.bool()
-        kept = (weights > 0).float().sum(dim=-1)  # [B, L] patches kept per token
         real = mask.sum().clamp_min(1)
-        patches_per_token = (kept * mask).sum() / real
+        kept = (weights > 0).sum(dim=-1).to(torch.float32)  # [B, L]
+        if self.weighting == "sparse":
+            similarity = torch.einsum("bld,bpd->blp", wide(token_embeds), wide(patch_embeds))
+            without = (sparc_alignment_weights(similarity, weighting="dense") > 0).sum(dim=-1).to(torch.float32)
+        else:
+            without = kept
+        removed = ((without - kept) * mask).sum() / real
         return {
-            "patches_per_token": patches_per_token,
-            "zeroed_fraction": 1.0 - patches_per_token / weights.shape[-1],
+            "patches_per_token": (kept * mask).sum() / real,
+            "zeroed_fraction": removed / weights.shape[-1],
         }

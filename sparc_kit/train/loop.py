@@ -37,6 +37,7 @@ from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
+from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
@@ -578,6 +579,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     reporter = _Reporter(total, start_step, progress and engine.is_main)
     metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if engine.is_main else None
     window: dict[str, float] = {}
+    window_counts: dict[str, int] = {}
     window_n, window_t0 = 0, time.perf_counter()
     in_update = False
     module.train()
@@ -593,23 +595,31 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                 batch = _next_batch(batches, engine, state, global_batch, cfg_train.max_skip_fraction)
                 batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
                 in_update = True  # an interrupt from here until the step is counted must not be checkpointed
-                result = train_step(
-                    engine,
-                    batch,
-                    accum_steps=layout.accum_steps,
-                    grad_clip=cfg_optim.grad_clip,
-                    step=state.step + 1,
-                    last_finite=state.last_finite,
-                    extras={"stop": float(stop.requested)},
+                upcoming = state.step + 1
+                logged = (
+                    upcoming % cfg_train.log_every == 0
+                    or upcoming == total
+                    or bool(recipe.eval and evaluations_due(recipe.eval, upcoming, upcoming == total))
                 )
+                with diagnostics(logged):  # the costlier diagnostics only where a row is written
+                    result = train_step(
+                        engine,
+                        batch,
+                        accum_steps=layout.accum_steps,
+                        grad_clip=cfg_optim.grad_clip,
+                        step=upcoming,
+                        last_finite=state.last_finite,
+                        extras={"stop": float(stop.requested)},
+                    )
                 state.step += 1
                 state.last_finite = state.step
                 committed = TrainState(**{**state.__dict__, "counts": dict(state.counts)})
                 in_update = False
                 values = dict(result.values)
                 values["grad_norm"] = result.grad_norm
-                for k, v in values.items():
+                for k, v in values.items():  # per key: diagnostics come from logged steps only
                     window[k] = window.get(k, 0.0) + v
+                    window_counts[k] = window_counts.get(k, 0) + 1
                 window_n += 1
                 step = state.step
                 t_eval = time.perf_counter()
@@ -619,7 +629,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                 row = None
                 if step % cfg_train.log_every == 0 or step == total or evals:
                     now = time.perf_counter()
-                    row = {"step": step, **{k: v / window_n for k, v in window.items()}, **evals}
+                    row = {"step": step, **{k: v / window_counts[k] for k, v in window.items()}, **evals}
                     row.update(
                         lr=lr,
                         samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
@@ -631,7 +641,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                     if metrics_file is not None:
                         metrics_file.write(json.dumps(row) + "\n")
                         metrics_file.flush()
-                    window, window_n, window_t0 = {}, 0, now
+                    window, window_counts, window_n, window_t0 = {}, {}, 0, now
                 elapsed = time.perf_counter() - t_loop
                 eta = elapsed / max(step - start_step, 1) * (total - step)
                 reporter.update(step, row, eta)
