@@ -3,8 +3,9 @@
 ``python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed_worker.py SPEC.json``
 
 SPEC holds ``runs`` (``{recipe, overrides, out}``: :func:`sparc_kit.train.train` called by every process, the
-engine chosen by the overrides) and ``grads`` (``{recipe, overrides, accum_steps, out}``: the gradients of one
-fixed global batch through the ddp engine with gradient accumulation, saved by rank 0). The process group is
+engine chosen by the overrides), ``grads`` (``{recipe, overrides, accum_steps, out}``: the gradients of one
+fixed global batch through the ddp engine with gradient accumulation, saved by rank 0) and ``bounds``
+(``{engine, out}``: a bounded scalar pushed against its cap and back through that engine). The process group is
 started here, once, so every run of the spec shares it, as the runs of a long job would.
 """
 
@@ -67,6 +68,42 @@ def run_grads(case: dict) -> None:
     engine.close()
 
 
+class Bounded(torch.nn.Module):
+    """A scalar with bounds [0, 2] (as the temperature has), starting just below the cap."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = torch.nn.Parameter(torch.tensor(1.95))
+
+    def parameter_bounds(self):
+        return {"log_scale": (0.0, 2.0)}
+
+    def forward(self, direction):
+        return {"loss": -direction * self.log_scale}
+
+
+def run_bounds(case: dict) -> None:
+    from sparc_kit.engines import BatchLayout, OptimizerSpec, param_groups
+    from sparc_kit.registry import engines
+
+    name = "ddp" if case["engine"] == "ddp" else "deepspeed"
+    params = {} if name == "ddp" else {"zero_stage": int(case["engine"][-1])}
+    engine = engines.build(name, params, device="cpu", precision="fp32")
+    module = Bounded()
+    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=0.1), BatchLayout(dist.get_world_size()))
+    values = {}
+    for direction, steps, key in ((1.0, 3, "at_cap"), (-1.0, 8, "after_down")):
+        for _ in range(steps):
+            engine.backward(engine(torch.tensor(direction))["loss"])
+            engine.step(None)
+        full = engine.full_state_dict()
+        values[key] = float(full["log_scale"]) if engine.is_main else None
+    if engine.is_main:
+        with open(case["out"], "w") as f:
+            json.dump(values, f)
+    engine.close()
+
+
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
@@ -79,6 +116,8 @@ def main(spec_path: str) -> None:
         train(recipe, case["out"], progress=False)
     for case in spec.get("grads", []):
         run_grads(case)
+    for case in spec.get("bounds", []):
+        run_bounds(case)
     dist.barrier()
     if dist.get_rank() == 0:
         with open(os.path.join(os.path.dirname(spec_path), "done"), "w") as f:

@@ -40,6 +40,7 @@ DEEPSPEED = {
     "zero2_offload": ["engine.name=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true"],
 }
 TOL = 1e-5
+BOUNDED_ENGINES = {"ddp": {}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2}, "zero3": {"zero_stage": 3}}
 
 
 def overrides(*extra: str) -> list[str]:
@@ -102,8 +103,10 @@ def launched(tmp_path_factory):
                  "out": str(root / "ddp-accum-sparc")})
     runs.append({"recipe": "sparc_tiny", "overrides": overrides(*DEEPSPEED["zero3"], eval_entry(retrieval)),
                  "out": str(root / "zero3-eval-sparc")})
+    # a bounded scalar (like the temperature) pushed up against its cap, then down, through each engine
+    bounds = [{"engine": name, "out": str(root / f"bounded-{name}.json")} for name in BOUNDED_ENGINES]
     spec = root / "spec.json"
-    spec.write_text(json.dumps({"runs": runs, "grads": grads}))
+    spec.write_text(json.dumps({"runs": runs, "grads": grads, "bounds": bounds}))
     result = torchrun(str(WORKER), str(spec))
     assert result.returncode == 0 and (root / "done").exists(), result.stderr[-4000:]
     return root, retrieval, result
@@ -155,6 +158,15 @@ def test_deepspeed_two_processes_give_the_weights_of_one_process(launched, local
     # DeepSpeed's own checkpoint: one optimizer partition per process
     files = os.listdir(os.path.join(latest_checkpoint(str(run / "checkpoints")), "deepspeed", "state"))
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(files)
+
+
+@pytest.mark.parametrize("engine", list(BOUNDED_ENGINES))
+def test_a_bounded_parameter_is_held_at_its_cap_and_comes_back_on_two_processes(launched, engine):
+    """The temperature's bound is applied after every update in DeepSpeed's fp32 master copy too (ZeRO-3 with a
+    1-element parameter on two processes included): pushed up it stays at the cap, pushed down it leaves it."""
+    root, _, _ = launched
+    values = json.loads((root / f"bounded-{engine}.json").read_text())
+    assert values["at_cap"] == pytest.approx(2.0) and values["after_down"] < 2.0 - 0.1
 
 
 def test_filip_under_ddp_contrasts_the_whole_global_batch(launched, local_runs):
@@ -578,3 +590,12 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes_to_the_same_weights(
     local = tmp_path / "local"
     train(sparc_kit.load_recipe("sparc_tiny", [*MICRO, "train.steps=40"]), str(local), progress=False)
     assert max_difference(final_weights(out), final_weights(local)) < TOL
+
+
+def test_two_deepspeed_runs_one_after_the_other_in_one_process(tmp_path):
+    """A notebook trains twice with the deepspeed engine (a group of one each time): the second run starts."""
+    for name in ("a", "b"):
+        result = train(sparc_kit.load_recipe("sparc_tiny", [*MICRO, "train.steps=2", "engine.name=deepspeed"]),
+                       str(tmp_path / name), progress=False)
+        assert result.steps == 2
+    assert max_difference(final_weights(tmp_path / "a"), final_weights(tmp_path / "b")) == 0.0

@@ -565,3 +565,23 @@ def test_text_transformer_paper_size_parameter_count():
     w = 768
     expected = 32000 * w + 55 * w + 12 * (12 * w**2 + 13 * w) + 2 * w
     assert n == expected
+
+
+def test_the_temperature_at_its_cap_still_gets_a_gradient_and_the_engine_keeps_it_there():
+    """The learned log scale at log(max_logit_scale): the logit scale's gradient reaches it (it did not when
+    forward clamped it), and a step that pushes it up leaves it exactly at the cap."""
+    import math
+
+    from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec, param_groups
+
+    model = build_model(load_recipe("sparc_tiny", ["model.max_logit_scale=20",
+                                                     "model.init_temperature=0.01"]))
+    assert float(model.log_logit_scale.detach()) == pytest.approx(math.log(20))  # started inside the bounds
+    (-model.logit_scale).backward()
+    assert float(model.log_logit_scale.grad) < 0  # would push it further up: but it gets a gradient
+    engine = LocalEngine(device="cpu")
+    engine.setup(model, OptimizerSpec(param_groups(model, 0.0), lr=0.1), BatchLayout(1))
+    model.zero_grad()
+    (-engine(torch.zeros(1, 3, 64, 64), torch.ones(1, 4, dtype=torch.long))["logit_scale"]).backward()
+    engine.step(None)
+    assert float(model.log_logit_scale.detach()) == pytest.approx(math.log(20))

@@ -694,3 +694,39 @@ def test_engine_takes_a_descent_step_on_a_quadratic(name):
         engine.close()
     # a group of one leaves no launcher variables behind (a later child process would read them)
     assert {k: os.environ.get(k) for k in environment} == environment
+
+
+class _Bounded(nn.Module):
+    """A temperature-like scalar with bounds, pushed upward by its loss (as contrastive training does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(1.95))
+
+    def parameter_bounds(self):
+        return {"log_scale": (0.0, 2.0)}
+
+    def forward(self, direction):
+        return {"loss": -direction * self.log_scale}
+
+
+@pytest.mark.parametrize("name", ENGINE_NAMES, ids=ENGINE_NAMES)
+def test_a_bounded_parameter_is_clamped_after_the_step_and_can_come_back(name):
+    """open_clip's fix of the stuck temperature: the parameter is clamped after the update, not in forward
+    alone, so at the cap its gradient still flows and a gradient the other way brings it back down."""
+    from sparc_kit.engines import BatchLayout, OptimizerSpec, param_groups
+
+    engine = build(engines, name)
+    try:
+        module = _Bounded()
+        engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=0.1), BatchLayout(1))
+        for _ in range(3):  # pushed up: stops at the cap
+            engine.backward(engine(torch.tensor(1.0))["loss"])
+            engine.step(None)
+        assert float(engine.full_state_dict()["log_scale"]) == pytest.approx(2.0)
+        for _ in range(8):  # pushed down from the cap (Adam's momentum first spends itself): it comes back
+            engine.backward(engine(torch.tensor(-1.0))["loss"])
+            engine.step(None)
+        assert float(engine.full_state_dict()["log_scale"]) < 2.0 - 0.1
+    finally:
+        engine.close()

@@ -35,6 +35,7 @@ __all__ = [
     "EngineSetupError",
     "NonFiniteGradient",
     "param_groups",
+    "parameter_bounds",
     "resolve_device",
 ]
 
@@ -103,6 +104,19 @@ class BatchLayout:
     @property
     def micro_batch(self) -> int:
         return self.per_rank // self.accum_steps
+
+
+def parameter_bounds(module: nn.Module) -> dict[str, tuple[float, float]]:
+    """``{parameter name: (low, high)}`` from every submodule with a ``parameter_bounds()`` method (names relative
+    to that submodule), as full names in ``module``: what an engine clamps after every update."""
+    bounds: dict[str, tuple[float, float]] = {}
+    for prefix, sub in module.named_modules():
+        declared = getattr(sub, "parameter_bounds", None)
+        if not callable(declared):
+            continue
+        for name, (low, high) in (declared() or {}).items():
+            bounds[f"{prefix}.{name}" if prefix else name] = (float(low), float(high))
+    return bounds
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -272,6 +286,10 @@ class Engine:
         self.rank, self.world_size, self.local_rank = env.rank, env.world_size, env.local_rank
         self.device = resolve_device(self.device_spec, self.local_rank)
         self._started = True
+
+    def _bounded_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter, float, float]]:
+        params = dict(module.named_parameters())
+        return [(name, params[name], low, high) for name, (low, high) in parameter_bounds(module).items() if name in params]
 
     def _fit_layout(self, layout: BatchLayout | None) -> BatchLayout:
         """``layout`` for the processes actually running (the loop may have planned before joining)."""

@@ -74,6 +74,7 @@ class DDPEngine(LocalEngine):
             find_unused_parameters=self.find_unused_parameters,
         )
         self.optimizer = optimizer.build()
+        self.bounded = self._bounded_parameters(self.module)
 
     def describe(self) -> str:
         return f"ddp ({dist.get_backend()}) on {self.device}, {self.world_size} processes"

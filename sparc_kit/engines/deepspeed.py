@@ -116,6 +116,22 @@ def _size_defaults(module: nn.Module, zero_stage: int) -> dict[str, Any]:
     return {"zero_optimization": {"reduce_bucket_size": int(min(5e8, max(numel, 1)))}}
 
 
+def _set_zero3_fp32(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Write ``value`` into this process's slice of a ZeRO-3 parameter's fp32 master partition.
+
+    DeepSpeed's ``safe_set_full_fp32_param`` slices the unpadded value at ``rank * partition_size``, which runs
+    past the end when the parameter has fewer elements than there are processes (a 1-element temperature on two
+    processes); this writes what the process holds, nothing where it holds only padding."""
+    optimizer = param._z3_optimizer
+    partition, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    rank = optimizer._get_param_partition_rank(param)
+    flat = value.flatten().to(partition.dtype)
+    start = partition.numel() * rank
+    if start < flat.numel():
+        chunk = flat[start : start + partition.numel()]
+        partition.data[: chunk.numel()].copy_(chunk)
+
+
 def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in tree.items():
         path = f"{prefix}{key}"
@@ -277,6 +293,7 @@ class DeepSpeedEngine(Engine):
         self.ds: Any = None
         self.ds_config: dict[str, Any] = {}
         self.lifted: dict[str, torch.Size] = {}
+        self.bounded: list = []
         self._owns_group = False
         self._started = False
 
@@ -338,6 +355,7 @@ class DeepSpeedEngine(Engine):
             )
         self.ds.set_gradient_accumulation_boundary(True)
         self.module = self.ds.module
+        self.bounded = self._bounded_parameters(self.module)
         self.wrapped = self.ds
 
     def describe(self) -> str:
@@ -368,7 +386,29 @@ class DeepSpeedEngine(Engine):
         if norm != norm or norm in (float("inf"), float("-inf")):
             # DeepSpeed computes the norm inside its step: fp32 and bf16 updates are not skipped
             raise NonFiniteGradient(None, applied=True)
+        self._clamp_bounded()
         return norm
+
+    def _clamp_bounded(self) -> None:
+        """Clamp bounded parameters after the update, in DeepSpeed's fp32 master copy (where the next update
+        starts) and in the module's copy (what the next forward reads)."""
+        from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+        for _, p, low, high in self.bounded:
+            full = safe_get_full_fp32_param(p)  # collective under ZeRO: every process gets the same value
+            with torch.no_grad():
+                if full is None:  # no separate master: the parameter itself is trained
+                    p.data.clamp_(low, high)
+                    continue
+                clamped = full.clamp(low, high)
+                if torch.equal(clamped, full):  # the same decision on every process
+                    continue
+                if hasattr(p, "ds_id"):
+                    _set_zero3_fp32(p, clamped)
+                else:
+                    safe_set_full_fp32_param(p, clamped)
+                if p.data.numel() == clamped.numel():
+                    p.data.copy_(clamped.reshape(p.data.shape).to(p.data.dtype))
 
     def set_lr(self, lr: float) -> None:
         for group in self.ds.optimizer.param_groups:
@@ -418,6 +458,11 @@ class DeepSpeedEngine(Engine):
             with contextlib.suppress(Exception):
                 self.ds.destroy()
         self.ds = None
+        if self._owns_group:  # through DeepSpeed, which drops the group references it caches for the next start
+            import deepspeed.comm as ds_comm
+
+            with contextlib.suppress(Exception):
+                ds_comm.destroy_process_group()
         super().close()
 
 

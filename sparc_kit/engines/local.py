@@ -34,6 +34,7 @@ class LocalEngine(Engine):
     def __init__(self, device: str = "auto", precision: str = "fp32"):
         super().__init__(device, precision)
         self.optimizer: torch.optim.Optimizer | None = None
+        self.bounded: list = []
 
     def setup(
         self,
@@ -54,6 +55,7 @@ class LocalEngine(Engine):
         self.module = module.to(self.device)
         self.wrapped = self.module
         self.optimizer = optimizer.build()
+        self.bounded = self._bounded_parameters(self.module)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -75,6 +77,9 @@ class LocalEngine(Engine):
             torch.nn.utils.clip_grad_norm_(self._params(), grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # after the update, as open_clip clamps its temperature: gradients still flow
+            for _, p, low, high in self.bounded:
+                p.clamp_(low, high)
         return float(norm)
 
     def set_lr(self, lr: float) -> None:

@@ -61,8 +61,9 @@ class DualEncoder(nn.Module):
         self.image_global_head.apply(init_weights)
         self.vision_adapter.apply(init_weights)
         self.text_adapter.apply(init_weights)
-        self.log_logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_logit_scale = math.log(max_logit_scale)
+        start = min(max(math.log(1.0 / init_temperature), 0.0), self.max_log_logit_scale)
+        self.log_logit_scale = nn.Parameter(torch.tensor(start))
         self.pad_id = pad_id
 
     # ---------------------------------------------------------------------------------------------- towers
@@ -104,10 +105,21 @@ class DualEncoder(nn.Module):
         out = self.image_features(images)["patch_embeds"]
         return F.normalize(out, dim=-1) if normalize else out
 
+    def parameter_bounds(self) -> dict[str, tuple[float, float]]:
+        """What the engine clamps after every update (open_clip's practice): the log temperature to
+        [0, log max_logit_scale]. Clamping after the update, rather than only in ``forward``, keeps its gradient
+        alive at the cap, so it can come back down."""
+        return {"log_logit_scale": (0.0, self.max_log_logit_scale)}
+
     @property
     def logit_scale(self) -> torch.Tensor:
+        # The engine clamps the parameter after every update (parameter_bounds); here the value is capped for
+        # loops that do not, with the gradient passed straight through: torch.clamp's gradient is 0 at and beyond
+        # the bounds, which would freeze a temperature that reached the cap.
+        log_scale = self.log_logit_scale
+        capped = log_scale + (log_scale.clamp(0.0, self.max_log_logit_scale) - log_scale).detach()
         # reshape: a 0-dim result also when an engine stores the parameter as [1] (DeepSpeed, see engines/)
-        return self.log_logit_scale.clamp(0.0, self.max_log_logit_scale).exp().reshape(())
+        return capped.exp().reshape(())
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.vision.set_grad_checkpointing(enable)
