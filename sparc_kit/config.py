@@ -352,8 +352,44 @@ def recipe_problems(recipe: BaseModel) -> list[str]:
             continue
         entry = reg.get_registry(kind).get(name)
         if entry.check is not None:
-            problems.extend(entry.check(recipe))
+            problems.extend(entry.check(recipe, path))
+    problems.extend(_memory_problems(recipe))
     return problems
+
+
+def _host_memory_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_problems(recipe: BaseModel) -> list[str]:
+    """A model whose fp32 weights alone exceed this machine's memory cannot even be built here (models are built
+    on the CPU before an engine moves or shards them). Towers that can count their parameters from their
+    settings say how many (``parameter_count``); others (timm) are not counted."""
+    total = 0
+    for path, kind in (("model.vision", "vision_encoder"), ("model.text", "text_encoder")):
+        section = getattr(recipe.model, path.split(".")[1])
+        builder = reg.get_registry(kind).get(section.name).builder
+        count = getattr(builder, "parameter_count", None)
+        if count is None:
+            continue
+        total += count(section, recipe)
+    memory = _host_memory_bytes()
+    if memory is None or total * 4 <= memory:
+        return []
+    return [
+        f"model: the towers hold about {total:.2e} parameters ({total * 4 / 2**30:,.0f} GiB of fp32 weights), more "
+        f"than this machine's {memory / 2**30:,.0f} GiB of memory; reduce model.vision / model.text width or depth"
+    ]
 
 
 def load_recipe(

@@ -82,10 +82,11 @@ class Entry:
     config: type[ComponentConfig]
     doc: str
     internal: tuple[str, ...] = ()
-    #: ``check(recipe) -> list[str]``: problems of a whole validated recipe that this component can see and a
-    #: field-level schema cannot (a DeepSpeed pass-through key that contradicts the train section); one line each,
-    #: reported with the recipe's other errors.
-    check: Callable[[Any], list[str]] | None = None
+    #: ``check(recipe, path) -> list[str]``: problems of a whole validated recipe that this component, found at
+    #: the dotted ``path`` of the recipe (``model.vision``, ``engine``), can see and a field-level schema cannot
+    #: (heads that do not divide the width, a DeepSpeed pass-through key that contradicts the train section); one
+    #: line each, reported with the recipe's other errors.
+    check: Callable[[Any, str], list[str]] | None = None
 
     def build(self, params: dict[str, Any] | BaseModel | None = None, **extra: Any) -> Any:
         """Validate ``params`` against the config model and call the builder."""
@@ -99,13 +100,20 @@ class Entry:
         """(name, type, default) for each parameter, for listings."""
         rows = []
         for field_name, field in self.config.model_fields.items():
-            rows.append((field_name, _type_name(field.annotation), field.default))
+            bounds = [
+                f"{op} {getattr(m, attr)}"
+                for m in field.metadata
+                for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                if getattr(m, attr, None) is not None
+            ]  # PositiveInt and friends: "int > 0"
+            rows.append((field_name, " ".join([_type_name(field.annotation), *bounds]), field.default))
         return rows
 
 
 def _type_name(annotation: Any) -> str:
     if annotation is None:
         return "None"
+
     if isinstance(annotation, type):
         return annotation.__name__
     return str(annotation).replace("typing.", "")
@@ -123,7 +131,7 @@ def config_from_signature(
     target = builder.__init__ if inspect.isclass(builder) else builder
     sig = inspect.signature(target)
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # keep Annotated constraints (PositiveInt)
     except Exception:  # unresolvable forward references: fall back to the raw annotations
         hints = {}
     fields: dict[str, Any] = {}
@@ -155,12 +163,12 @@ class Registry:
         *,
         internal: tuple[str, ...] = (),
         override: bool = False,
-        check: Callable[[Any], list[str]] | None = None,
+        check: Callable[[Any, str], list[str]] | None = None,
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``builder`` under ``name``.
 
         ``config`` is the parameter model; by default it is derived from the builder's signature, leaving out
-        the ``internal`` arguments. ``check(recipe)`` returns the problems of a whole recipe that uses this
+        the ``internal`` arguments. ``check(recipe, path)`` returns the problems of a whole recipe that uses this
         component (see :attr:`Entry.check`). Registering a name twice warns (as timm does) unless
         ``override=True``; the later registration wins.
         """

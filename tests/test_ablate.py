@@ -201,9 +201,12 @@ def test_every_point_is_validated_before_anything_runs(tmp_path):
             overrides=[*MICRO],
             out_dir=str(tmp_path / "sw"),
         )
+    # caught by recipe validation now (the vit's own check), before any model is built
     assert info.value.problems == [
-        "point patch_size=7: image_size 32 must be a multiple of patch_size 7",
-        "point patch_size=5: image_size 32 must be a multiple of patch_size 5",
+        "--vary patch_size=7: model.vision.patch_size: 7 does not tile model.vision.image_size=32; use a divisor of "
+        "32 (2, 4, 8, 16, 32, ...)",
+        "--vary patch_size=5: model.vision.patch_size: 5 does not tile model.vision.image_size=32; use a divisor of "
+        "32 (2, 4, 8, 16, 32, ...)",
     ]
     assert not os.path.exists(tmp_path / "sw")
 

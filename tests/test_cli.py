@@ -312,7 +312,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
     assert "      lambda_f: float = 1.0" in lines
     assert "      sparsity_threshold: float | None = None" in lines
     assert "      average: Literal['token', 'caption'] = 'token'" in lines
-    assert "      patch_size: int = 16" in lines
+    assert "      patch_size: int > 0 = 16" in lines
     assert "      num_samples: int = 10000" in lines
     # the internal arguments of vit (attention, grad_checkpointing) are not listed
     vit = lines[lines.index(next(line for line in lines if line.startswith("  vit "))) + 1 :]

@@ -13,6 +13,8 @@ import fsspec
 import pytest
 import yaml
 
+import sparc_kit
+
 from sparc_kit.config import (
     RecipeError,
     apply_overrides,
@@ -551,3 +553,47 @@ def test_override_indexing_a_list_the_recipe_does_not_have():
 def test_tokenizer_model_types_match_the_tokenizer_command():
     """`sparc tokenizer train --model-type char` exists, so a recipe may name a char tokenizer too."""
     assert load_recipe("sparc_tiny", ["tokenizer.model_type=char"]).tokenizer.model_type == "char"
+
+
+@pytest.mark.parametrize(
+    "override, line",
+    [
+        ("model.vision.heads=3",
+         "model.vision.heads: 3 heads do not divide model.vision.width=128; use a width that is a multiple of the "
+         "heads (e.g. 129) or heads that divide the width"),
+        ("model.text.heads=5",
+         "model.text.heads: 5 heads do not divide model.text.width=128; use a width that is a multiple of the heads "
+         "(e.g. 130) or heads that divide the width"),
+        ("model.vision.patch_size=7",
+         "model.vision.patch_size: 7 does not tile model.vision.image_size=64; use a divisor of 64 (2, 4, 8, 16, 32, "
+         "64, ...)"),
+        ("model.vision.width=0", "model.vision.width: got 0; input should be greater than 0"),
+        ("model.text.depth=-2", "model.text.depth: got -2; input should be greater than 0"),
+        ("model.vision.mlp_ratio=0", "model.vision.mlp_ratio: got 0; input should be greater than 0"),
+    ],
+)
+def test_sizes_that_cannot_build_are_recipe_errors(override, line):
+    """They validated before and failed only when the model was built (or, for zero sizes, built nonsense)."""
+    assert problems_of("sparc_tiny", [override]) == [line]
+
+
+def test_a_model_larger_than_this_machine_is_a_recipe_error():
+    (line,) = problems_of("sparc_tiny", ["model.text.width=100000"])
+    assert line.startswith("model: the towers hold about 4.80e+11 parameters (1,788 GiB of fp32 weights), more than "
+                           "this machine's ")
+    assert line.endswith("of memory; reduce model.vision / model.text width or depth")
+
+
+@pytest.mark.parametrize("recipe", ["sparc_tiny", "sparc_b16", "sparc_l14"])
+def test_parameter_counts_from_the_recipe_equal_the_built_towers(recipe):
+    from sparc_kit.models import TextTransformer, VisionTransformer
+
+    r = load_recipe(recipe)
+    model = sparc_kit.build_model(r) if recipe == "sparc_tiny" else None
+    if model is None:  # the large towers: counted on meta tensors, nothing allocated
+        import torch
+
+        with torch.device("meta"):
+            model = sparc_kit.build_model(r)
+    assert VisionTransformer.parameter_count(r.model.vision, r) == sum(p.numel() for p in model.vision.parameters())
+    assert TextTransformer.parameter_count(r.model.text, r) == sum(p.numel() for p in model.text.parameters())

@@ -200,7 +200,7 @@ def _settings_problems(zero_stage: int, offload_optimizer: bool, offload_params:
     return problems
 
 
-def check_recipe(recipe: Any) -> list[str]:
+def check_recipe(recipe: Any, path: str = "engine") -> list[str]:
     """The recipe-level problems of a DeepSpeed run: impossible offload settings and raw ``engine.config`` keys
     that contradict the generated config."""
     e = recipe.engine

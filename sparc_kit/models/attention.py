@@ -146,6 +146,24 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def transformer_parameter_count(width: int, depth: int, mlp_ratio: float = 4.0) -> int:
+    """The parameters of ``Transformer(width, depth, heads, mlp_ratio)``, counted from its layers."""
+    hidden = int(width * mlp_ratio)
+    attention = 3 * width * width + 3 * width + width * width + width  # qkv, proj
+    mlp = width * hidden + hidden + hidden * width + width  # fc1, fc2
+    norms = 4 * width  # two LayerNorms
+    return depth * (attention + mlp + norms)
+
+
+def divisibility_problems(path: str, width: int, heads: int) -> list[str]:
+    if width % heads:
+        return [
+            f"{path}.heads: {heads} heads do not divide {path}.width={width}; use a width that is a multiple of "
+            f"the heads (e.g. {width + heads - width % heads}) or heads that divide the width"
+        ]
+    return []
+
+
 class Transformer(nn.Module):
     """A stack of pre-LN blocks with optional gradient checkpointing."""
 

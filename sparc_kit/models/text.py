@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
+from pydantic import PositiveFloat, PositiveInt
 
-from sparc_kit.models.attention import Transformer, attention_mask, init_weights
+from sparc_kit.models.attention import (
+    Transformer,
+    attention_mask,
+    divisibility_problems,
+    init_weights,
+    transformer_parameter_count,
+)
 from sparc_kit.registry import text_encoders
+
+
+def check_text_transformer(recipe: Any, path: str) -> list[str]:
+    t = recipe.model.text
+    return divisibility_problems(path, t.width, t.heads)
 
 __all__ = ["TextTransformer"]
 
 
-@text_encoders.register("transformer", internal=("vocab_size", "context_length", "attention", "grad_checkpointing"))
+@text_encoders.register(
+    "transformer",
+    internal=("vocab_size", "context_length", "attention", "grad_checkpointing"),
+    check=check_text_transformer,
+)
 class TextTransformer(nn.Module):
     """Pre-LN text Transformer with learned positions. ``forward`` returns token features [B, L, W].
 
@@ -25,10 +43,10 @@ class TextTransformer(nn.Module):
         self,
         vocab_size: int | None = None,
         context_length: int | None = None,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
+        width: PositiveInt = 768,
+        depth: PositiveInt = 12,
+        heads: PositiveInt = 12,
+        mlp_ratio: PositiveFloat = 4.0,
         causal: bool = False,
         attention: str = "sdpa",
         grad_checkpointing: bool = False,
@@ -47,6 +65,14 @@ class TextTransformer(nn.Module):
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.01)
         self.set_grad_checkpointing(grad_checkpointing)
+
+    @staticmethod
+    def parameter_count(section: Any, recipe: Any) -> int:
+        """The parameters of a ``transformer`` recipe section (vocabulary and context from the tokenizer section),
+        counted from its layers without building it."""
+        w = section.width
+        vocab, context = recipe.tokenizer.vocab_size, recipe.tokenizer.context_length
+        return vocab * w + context * w + 2 * w + transformer_parameter_count(w, section.depth, section.mlp_ratio)
 
     @property
     def output_dim(self) -> int:

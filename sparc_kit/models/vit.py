@@ -2,16 +2,32 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
+from pydantic import PositiveFloat, PositiveInt
 
-from sparc_kit.models.attention import Transformer, init_weights
+from sparc_kit.models.attention import Transformer, divisibility_problems, init_weights, transformer_parameter_count
 from sparc_kit.registry import vision_encoders
 
 __all__ = ["VisionTransformer"]
 
 
-@vision_encoders.register("vit", internal=("attention", "grad_checkpointing"))
+def check_vit(recipe: Any, path: str) -> list[str]:
+    """The sizes a field alone cannot judge: the patch must tile the image, the heads must divide the width."""
+    v = recipe.model.vision
+    problems = []
+    if v.image_size % v.patch_size:
+        divisors = [d for d in range(2, min(v.image_size, 64) + 1) if v.image_size % d == 0][:6]
+        problems.append(
+            f"{path}.patch_size: {v.patch_size} does not tile {path}.image_size={v.image_size}; use a divisor of "
+            f"{v.image_size} ({', '.join(map(str, divisors))}, ...)"
+        )
+    return problems + divisibility_problems(path, v.width, v.heads)
+
+
+@vision_encoders.register("vit", internal=("attention", "grad_checkpointing"), check=check_vit)
 class VisionTransformer(nn.Module):
     """Pre-LN ViT. ``forward_features`` returns ``{"patch_tokens": [B, P, W], "cls_token": [B, W] | None}``.
 
@@ -21,13 +37,13 @@ class VisionTransformer(nn.Module):
 
     def __init__(
         self,
-        image_size: int = 224,
-        patch_size: int = 16,
-        width: int = 768,
-        depth: int = 12,
-        heads: int = 12,
-        mlp_ratio: float = 4.0,
-        in_channels: int = 3,
+        image_size: PositiveInt = 224,
+        patch_size: PositiveInt = 16,
+        width: PositiveInt = 768,
+        depth: PositiveInt = 12,
+        heads: PositiveInt = 12,
+        mlp_ratio: PositiveFloat = 4.0,
+        in_channels: PositiveInt = 3,
         class_token: bool = False,
         attention: str = "sdpa",
         grad_checkpointing: bool = False,
@@ -51,6 +67,16 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
         self.set_grad_checkpointing(grad_checkpointing)
+
+    @staticmethod
+    def parameter_count(section: Any, recipe: Any = None) -> int:
+        """The parameters of a ``vit`` recipe section, counted from its layers without building it."""
+        w, p = section.width, section.patch_size
+        tokens = (section.image_size // p) ** 2 + (1 if section.class_token else 0)
+        patch_embed = section.in_channels * p * p * w + w
+        return patch_embed + tokens * w + (w if section.class_token else 0) + 2 * w + transformer_parameter_count(
+            w, section.depth, section.mlp_ratio
+        )
 
     @property
     def output_dim(self) -> int:
