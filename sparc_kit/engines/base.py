@@ -20,7 +20,7 @@ split into ``accum_steps`` micro-batches (:class:`BatchLayout`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -148,7 +148,6 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.0  # the default of groups that do not set their own
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def torch_groups(self) -> list[dict[str, Any]]:
         """The groups without the bookkeeping keys torch's optimizers do not know."""
@@ -179,15 +178,12 @@ class Engine:
         self.device = resolve_device(device)  # distributed engines re-resolve it with their local rank
         self.module: nn.Module | None = None  # the plain module (model + loss)
         self.wrapped: Any = None  # what forward goes through (the module itself, DDP, DeepSpeed's engine)
-        self.layout: BatchLayout | None = None
+        self.bounded: list[tuple[nn.Parameter, float, float]] = []  # clamped after every update
 
     # ------------------------------------------------------------------------------------------- identity
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    def describe(self) -> str:
-        return f"{self.name} on {self.device}, {self.world_size} process{'es' if self.world_size > 1 else ''}"
 
     # ------------------------------------------------------------------------------------------ the step
     def start(self) -> None:
@@ -287,9 +283,9 @@ class Engine:
         self.device = resolve_device(self.device_spec, self.local_rank)
         self._started = True
 
-    def _bounded_parameters(self, module: nn.Module) -> list[tuple[str, nn.Parameter, float, float]]:
+    def _bounded_parameters(self, module: nn.Module) -> list[tuple[nn.Parameter, float, float]]:
         params = dict(module.named_parameters())
-        return [(name, params[name], low, high) for name, (low, high) in parameter_bounds(module).items() if name in params]
+        return [(params[name], low, high) for name, (low, high) in parameter_bounds(module).items() if name in params]
 
     def _fit_layout(self, layout: BatchLayout | None) -> BatchLayout:
         """``layout`` for the processes actually running (the loop may have planned before joining)."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Literal
 
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -64,8 +63,7 @@ class DDPEngine(LocalEngine):
         grad_clip: float | None = None,
     ) -> None:
         self.start()
-        self.layout = self._fit_layout(layout)
-        self.module = module.to(self.device)
+        self._take(module, optimizer)
         self.wrapped = DistributedDataParallel(
             self.module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -73,11 +71,6 @@ class DDPEngine(LocalEngine):
             static_graph=self.static_graph,
             find_unused_parameters=self.find_unused_parameters,
         )
-        self.optimizer = optimizer.build()
-        self.bounded = self._bounded_parameters(self.module)
-
-    def describe(self) -> str:
-        return f"ddp ({dist.get_backend()}) on {self.device}, {self.world_size} processes"
 
     def __call__(self, *args, **kwargs):
         try:

@@ -200,24 +200,29 @@ def _settings_problems(zero_stage: int, offload_optimizer: bool, offload_params:
     return problems
 
 
+def _generate(engine: Any, optim: Any, **layout: Any) -> dict[str, Any]:
+    """:func:`deepspeed_config` from an engine's settings (a recipe's ``engine`` section or the engine itself:
+    ``zero_stage``, ``offload_*``, ``optimizer_impl``) and AdamW's numbers (``optim``: the recipe's section or an
+    :class:`OptimizerSpec`)."""
+    return deepspeed_config(
+        zero_stage=engine.zero_stage,
+        offload_optimizer=engine.offload_optimizer,
+        offload_params=engine.offload_params,
+        optimizer=dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+        if _uses_ds_optimizer(engine.optimizer_impl)
+        else None,
+        **layout,
+    )
+
+
 def check_recipe(recipe: Any, path: str = "engine") -> list[str]:
     """The recipe-level problems of a DeepSpeed run: impossible offload settings and raw ``engine.config`` keys
     that contradict the generated config."""
-    e = recipe.engine
+    e, t = recipe.engine, recipe.train
     problems = _settings_problems(e.zero_stage, e.offload_optimizer, e.offload_params)
-    o = recipe.optim
-    generated = deepspeed_config(
-        global_batch=recipe.train.batch_size,
-        world_size=None,
-        accum_steps=recipe.train.accum_steps,
-        grad_clip=o.grad_clip,
-        precision=recipe.train.precision,
-        zero_stage=e.zero_stage,
-        offload_optimizer=e.offload_optimizer,
-        offload_params=e.offload_params,
-        optimizer=dict(lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
-        if _uses_ds_optimizer(e.optimizer_impl)
-        else None,
+    generated = _generate(
+        e, recipe.optim, global_batch=t.batch_size, world_size=None, accum_steps=t.accum_steps,
+        grad_clip=recipe.optim.grad_clip, precision=t.precision,
     )
     return problems + conflicts(dict(e.config or {}), generated)
 
@@ -291,9 +296,7 @@ class DeepSpeedEngine(Engine):
         self.shm_comm = shm_comm
         self.timeout_s = timeout_s
         self.ds: Any = None
-        self.ds_config: dict[str, Any] = {}
         self.lifted: dict[str, torch.Size] = {}
-        self.bounded: list = []
         self._owns_group = False
         self._started = False
 
@@ -310,7 +313,7 @@ class DeepSpeedEngine(Engine):
         grad_clip: float | None = None,
     ) -> None:
         self.start()
-        layout = self.layout = self._fit_layout(layout)
+        layout = self._fit_layout(layout)
 
         import deepspeed
 
@@ -321,18 +324,9 @@ class DeepSpeedEngine(Engine):
             _skip_shm_build()
 
         use_ds_optimizer = _uses_ds_optimizer(self.optimizer_impl)
-        generated = deepspeed_config(
-            global_batch=layout.global_batch,
-            world_size=self.world_size,
-            accum_steps=layout.accum_steps,
-            grad_clip=grad_clip,
-            precision=self.precision,
-            zero_stage=self.zero_stage,
-            offload_optimizer=self.offload_optimizer,
-            offload_params=self.offload_params,
-            optimizer=dict(lr=optimizer.lr, betas=optimizer.betas, eps=optimizer.eps, weight_decay=optimizer.weight_decay)
-            if use_ds_optimizer
-            else None,
+        generated = _generate(
+            self, optimizer, global_batch=layout.global_batch, world_size=self.world_size,
+            accum_steps=layout.accum_steps, grad_clip=grad_clip, precision=self.precision,
         )
         problems = conflicts(self.raw_config, generated)
         if problems:
@@ -340,7 +334,6 @@ class DeepSpeedEngine(Engine):
         cfg = merge(merge(merge(generated, _HOUSEKEEPING), _size_defaults(module, self.zero_stage)), self.raw_config)
         if self.offload_optimizer and not use_ds_optimizer:
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW steps the CPU master weights
-        self.ds_config = cfg
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         module = module.to(self.device)
@@ -357,15 +350,6 @@ class DeepSpeedEngine(Engine):
         self.module = self.ds.module
         self.bounded = self._bounded_parameters(self.module)
         self.wrapped = self.ds
-
-    def describe(self) -> str:
-        offload = []
-        if self.offload_optimizer:
-            offload.append("optimizer")
-        if self.offload_params:
-            offload.append("parameters")
-        off = f", offload {' and '.join(offload)}" if offload else ""
-        return f"deepspeed ZeRO-{self.zero_stage}{off} on {self.device}, {self.world_size} processes"
 
     def backward(self, loss: torch.Tensor) -> None:
         # the loop's losses are already those of the whole batch: no division by the accumulation count
@@ -394,7 +378,7 @@ class DeepSpeedEngine(Engine):
         starts) and in the module's copy (what the next forward reads)."""
         from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-        for _, p, low, high in self.bounded:
+        for p, low, high in self.bounded:
             full = safe_get_full_fp32_param(p)  # collective under ZeRO: every process gets the same value
             with torch.no_grad():
                 if full is None:  # no separate master: the parameter itself is trained

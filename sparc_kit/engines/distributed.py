@@ -32,7 +32,6 @@ __all__ = [
     "first_slurm_host",
     "is_initialized",
     "destroy_process_group",
-    "world",
 ]
 
 
@@ -117,13 +116,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the default process group, (0, 1) without one."""
-    if is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def init_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> tuple[DistEnv, bool]:

@@ -8,20 +8,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from sparc_kit.engines.base import BatchLayout, Engine, NonFiniteGradient, OptimizerSpec, resolve_device
+from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec, resolve_device
 from sparc_kit.registry import engines
 
-__all__ = ["LocalEngine", "resolve_device", "grad_norm"]
-
-
-def grad_norm(params: list[torch.Tensor], clip: float | None) -> torch.Tensor:
-    """The 2-norm of all gradients together, clipping them to ``clip`` when given."""
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    if clip is not None:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
+__all__ = ["LocalEngine", "resolve_device"]
 
 
 @engines.register("local", internal=("device", "precision"))
@@ -34,7 +24,6 @@ class LocalEngine(Engine):
     def __init__(self, device: str = "auto", precision: str = "fp32"):
         super().__init__(device, precision)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.bounded: list = []
 
     def setup(
         self,
@@ -45,15 +34,16 @@ class LocalEngine(Engine):
     ) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1:
-            from sparc_kit.engines.base import EngineSetupError
-
             raise EngineSetupError(
                 f"this process is one of {world} (WORLD_SIZE={world}) but engine.name is 'local', which runs one "
                 "process; set engine.name=ddp or engine.name=deepspeed"
             )
-        self.layout = layout
-        self.module = module.to(self.device)
+        self._take(module, optimizer)
         self.wrapped = self.module
+
+    def _take(self, module: nn.Module, optimizer: OptimizerSpec) -> None:
+        """Move the module to the device, build the torch optimizer, find the bounded parameters."""
+        self.module = module.to(self.device)
         self.optimizer = optimizer.build()
         self.bounded = self._bounded_parameters(self.module)
 
@@ -65,7 +55,11 @@ class LocalEngine(Engine):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def step(self, grad_clip: float | None) -> float:
-        norm = grad_norm(self._params(), None)  # before clipping: a non-finite norm must stop the update
+        grads = [p.grad for p in self._params() if p.grad is not None]
+        if not grads:
+            return 0.0
+        # the norm once, before clipping: a non-finite norm must stop the update
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
         if not torch.isfinite(norm):
             bad = next(
                 (n for n, p in self.unwrap().named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()),
@@ -73,12 +67,14 @@ class LocalEngine(Engine):
             )
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradient(bad)
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self._params(), grad_clip)
+        if grad_clip is not None:  # torch's clip_grad_norm_ rule, with the norm already in hand
+            coefficient = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coefficient)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # after the update, as open_clip clamps its temperature: gradients still flow
-            for _, p, low, high in self.bounded:
+            for p, low, high in self.bounded:
                 p.clamp_(low, high)
         return float(norm)
 

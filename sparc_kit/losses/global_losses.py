@@ -38,10 +38,6 @@ GlobalLossName = Literal["clip", "siglip"]
 SIGLIP_INIT_BIAS = -10.0
 
 
-def _world() -> tuple[int, int]:
-    return world()
-
-
 def gather_features(features: torch.Tensor) -> torch.Tensor:
     """All-gather ``features`` [B, D] from every process, keeping the gradient of the local slice (processes may
     hold different numbers of rows; see :func:`~sparc_kit.losses.distributed.gather_rows`).
@@ -64,7 +60,7 @@ def global_logits(
     image = F.normalize(wide(image_embeds), dim=-1)
     text = F.normalize(wide(text_embeds), dim=-1)
     scale = scale_like(logit_scale, image)
-    rank, world_size = _world()
+    rank, world_size = world()
     if world_size > 1:
         counts = _row_counts(image.shape[0], image.device)
         (all_image, offset), (all_text, _) = gather_rows(image, counts), gather_rows(text, counts)
@@ -95,7 +91,7 @@ class ClipLoss(nn.Module):
     def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with torch.autocast(device_type=image_embeds.device.type, enabled=False):
             logits_i2t, logits_t2i, targets = global_logits(image_embeds, text_embeds, logit_scale, self.local_loss)
-            if self.local_loss or _world()[1] == 1:  # rows are this process's samples
+            if self.local_loss or world()[1] == 1:  # rows are this process's samples
                 share = batch_share(image_embeds.shape[0], targets.device)
             else:  # every process holds the whole global matrix and its whole mean
                 share = torch.tensor(float(targets.shape[0]), device=targets.device)
@@ -169,7 +165,7 @@ class SigLipLoss(nn.Module):
             text = F.normalize(wide(text_embeds), dim=-1)  # [B, D]
             scale = scale_like(logit_scale, image)
             bias = self.bias.to(scale.dtype)
-            _, world_size = _world()
+            _, world_size = world()
             all_text, offset = gather_rows(text)  # [B_global, D]
             logits = scale * image @ all_text.t() + bias  # [B_local, B_global]
             n_local = image.shape[0]

@@ -99,23 +99,41 @@ def save_checkpoint(
     """
     os.makedirs(root, exist_ok=True)
     name = step_folder_name(step)
-    final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
-        for part, module in {"model": model, **(extra_modules or {})}.items():
-            weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-            if weights or part == "model":
-                save_file(weights, os.path.join(tmp, f"{part}.safetensors"), metadata={"format": "pt", "step": str(step)})
-        torch.save(trainer_state, os.path.join(tmp, "trainer.pt"))
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"step": step, **state}, f, indent=1)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        parts = {part: module.state_dict() for part, module in {"model": model, **(extra_modules or {})}.items()}
+        _write_files(tmp, step, parts, trainer_state, state)
+        return _publish(root, tmp, step, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_files(
+    folder: str,
+    step: int,
+    parts: dict[str, dict[str, torch.Tensor]],
+    trainer_state: dict[str, Any],
+    state: dict[str, Any],
+) -> None:
+    """A checkpoint's files in ``folder``: ``NAME.safetensors`` per part that holds tensors (``model`` always),
+    ``trainer.pt`` and ``state.json``."""
+    for part, tensors in parts.items():
+        if tensors or part == "model":
+            write_safetensors(os.path.join(folder, f"{part}.safetensors"), tensors, step)
+    torch.save(trainer_state, os.path.join(folder, "trainer.pt"))
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump({"step": step, **state}, f, indent=1)
+
+
+def _publish(root: str, tmp: str, step: int, keep: int) -> str:
+    """Rename the finished temporary folder into place, point ``latest`` at it, prune old checkpoints."""
+    name = step_folder_name(step)
+    final = os.path.join(root, name)
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
     _atomic_write_text(os.path.join(root, "latest"), name + "\n")
     _prune(root, keep)
     return final
@@ -144,9 +162,7 @@ def save_train_checkpoint(
     or DeepSpeed's partitions); rank 0 writes the safetensors files, ``trainer.pt`` and ``state.json``, then
     renames the folder into place. ``rng_state`` is this process's; all of them are kept.
     """
-    name = step_folder_name(step)
-    final = os.path.join(root, name)
-    tmp = os.path.join(root, f".tmp-{name}")
+    tmp = os.path.join(root, f".tmp-{step_folder_name(step)}")
     if engine.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,24 +174,14 @@ def save_train_checkpoint(
         trainer = engine.save(tmp)
         engine.barrier()  # every process's part is on disk
         if engine.is_main:
-            for part, tensors in _split(weights).items():
-                if tensors or part == "model":
-                    write_safetensors(os.path.join(tmp, f"{part}.safetensors"), tensors, step)
-            torch.save({**trainer, "rng": rngs}, os.path.join(tmp, "trainer.pt"))
-            with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"step": step, **state}, f, indent=1)
-            os.chmod(tmp, 0o755)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _atomic_write_text(os.path.join(root, "latest"), name + "\n")
-            _prune(root, keep)
+            _write_files(tmp, step, _split(weights), {**trainer, "rng": rngs}, state)
+            _publish(root, tmp, step, keep)
     except BaseException:
         if engine.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     engine.barrier()
-    return final
+    return os.path.join(root, step_folder_name(step))
 
 
 def read_checkpoint_state(path: str) -> dict[str, Any]:
@@ -249,8 +255,5 @@ def load_checkpoint(
     for name, module in (extra_modules or {}).items():
         if module.state_dict():
             load_model_weights(module, os.path.join(path, f"{name}.safetensors"))
-    trainer_state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
-    with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
-    state["trainer"] = trainer_state
+    state = read_checkpoint_state(path)
     return CheckpointInfo(path=path, step=int(state["step"]), state=state)

@@ -405,7 +405,12 @@ def train(
             if not engine.is_main:  # rank 0 speaks for the run
                 stack.enter_context(warnings.catch_warnings())
                 warnings.simplefilter("ignore")
-            _on_main(engine, lambda: (os.makedirs(out_dir, exist_ok=True), stack.enter_context(_run_lock(out_dir))))
+
+            def take_lock() -> None:  # held by rank 0 until the run ends
+                os.makedirs(out_dir, exist_ok=True)
+                stack.enter_context(_run_lock(out_dir))
+
+            _on_main(engine, take_lock)
             return _train(recipe, out_dir, engine, layout, progress, callback)
     finally:
         engine.close()
@@ -416,9 +421,10 @@ def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str 
     then the tokenizer and ``recipe.yaml``."""
     if recipe.eval:
         check_eval_data(recipe.eval)
-    if ckpt_path:
+    saved = read_checkpoint_state(ckpt_path) if ckpt_path else None
+    if saved is not None:
         _check_resume(out_dir, recipe)
-        _check_engine_resume(read_checkpoint_state(ckpt_path), recipe, engine, dataset, out_dir)
+        _check_engine_resume(saved, recipe, engine, dataset, out_dir)
     tokenizer = build_tokenizer(recipe, dataset, out_dir if ckpt_path else None)
     if tokenizer.vocab_size > recipe.tokenizer.vocab_size:
         raise ValueError(
@@ -428,8 +434,8 @@ def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str 
     with open(os.path.join(out_dir, "recipe.yaml.tmp"), "w") as f:
         f.write(dump_recipe(recipe))
     os.replace(os.path.join(out_dir, "recipe.yaml.tmp"), os.path.join(out_dir, "recipe.yaml"))
-    if ckpt_path:
-        _truncate_metrics(out_dir, _ckpt_step(os.path.dirname(ckpt_path)))
+    if saved is not None:
+        _truncate_metrics(out_dir, int(saved["step"]))
     elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
         _truncate_metrics(out_dir, 0)
 

@@ -91,15 +91,10 @@ def _scalars(terms: dict[str, Any]) -> dict[str, torch.Tensor]:
 def _reduce(engine, terms: dict[str, Any], extras: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """One all-reduce for every logged number of the step (and the caller's extras: counts, a stop flag)."""
     scalars = _scalars(terms)
-    names = list(scalars) + [f"__extra__{k}" for k in extras]
     device = scalars["loss"].device
-    stacked = torch.stack(
-        [scalars[k] for k in scalars] + [torch.tensor(float(v), device=device) for v in extras.values()]
-    )
+    stacked = torch.stack([*scalars.values(), *(torch.tensor(float(v), device=device) for v in extras.values())])
     reduced = engine.all_reduce_mean(stacked).tolist()
-    values = {k: v for k, v in zip(names, reduced) if not k.startswith("__extra__")}
-    extra_out = {k[len("__extra__"):]: v for k, v in zip(names, reduced) if k.startswith("__extra__")}
-    return values, extra_out
+    return dict(zip(scalars, reduced)), dict(zip(extras, reduced[len(scalars) :]))
 
 
 def compute_gradients(
