@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from functools import lru_cache
 from importlib import resources
@@ -40,7 +41,9 @@ class RecipeError(ValueError):
     """A recipe that cannot be used; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: list[str], source: str | None = None):
-        self.problems = problems
+        # one line each, whatever text a user's key or value brought in: control characters are escaped
+        self.problems = [p if p.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in p)
+                         for p in problems]
         self.source = source
         super().__init__("\n".join(problems))
 
@@ -49,7 +52,8 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True)
+    # numbers are finite: an infinite temperature or learning rate validates as a float but cannot train
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True, allow_inf_nan=False)
 
 
 class TokenizerConfig(Strict):
@@ -350,6 +354,11 @@ def recipe_problems(recipe: BaseModel) -> list[str]:
         name = getattr(node, "name", None)
         if name is None:
             continue
+        problems.extend(
+            f"{path}.{key}: got {value!r}; input should be a finite number"  # a NaN weight validates, then trains NaN
+            for key, value in node
+            if isinstance(value, float) and not math.isfinite(value)
+        )
         entry = reg.get_registry(kind).get(name)
         if entry.check is not None:
             problems.extend(entry.check(recipe, path))
@@ -374,7 +383,28 @@ def _host_memory_bytes() -> int | None:
 def _memory_problems(recipe: BaseModel) -> list[str]:
     """A model whose fp32 weights alone exceed this machine's memory cannot even be built here (models are built
     on the CPU before an engine moves or shards them). Towers that can count their parameters from their
-    settings say how many (``parameter_count``); others (timm) are not counted."""
+    settings say how many (``parameter_count``); others (timm) are not counted. The line names the size that
+    matters most: the one whose reduction to 1 would shrink the model the most (a width, a depth, the
+    tokenizer's vocabulary or context length, ``model.embed_dim``)."""
+    if any(isinstance(v, float) and not math.isfinite(v) for _, v in _size_fields(recipe)):
+        return []  # reported as not finite
+    total = _parameter_count(recipe)
+    memory = _host_memory_bytes()
+    if memory is None or total * 4 <= memory:
+        return []
+    field, value = min(_size_fields(recipe), key=lambda fv: _parameter_count(_with_size(recipe, fv[0], 1)))
+    size = f"about {total:.2e} parameters ({total * 4 / 2**30:,.0f} GiB of fp32 weights)" if total < math.inf else (
+        "more parameters than can be counted"
+    )
+    return [
+        f"{field}: {value!r} makes the towers hold {size}, more than this machine's {memory / 2**30:,.0f} GiB of "
+        "memory; reduce it (or another model.vision / model.text width or depth)"
+    ]
+
+
+def _parameter_count(recipe: BaseModel) -> float:
+    """The towers' parameters (those that can count them) and the adapters into the shared space; ``inf`` when
+    a size is too large to count (``mlp_ratio: 1e308``)."""
     total = 0
     for path, kind in (("model.vision", "vision_encoder"), ("model.text", "text_encoder")):
         section = getattr(recipe.model, path.split(".")[1])
@@ -382,14 +412,33 @@ def _memory_problems(recipe: BaseModel) -> list[str]:
         count = getattr(builder, "parameter_count", None)
         if count is None:
             continue
-        total += count(section, recipe)
-    memory = _host_memory_bytes()
-    if memory is None or total * 4 <= memory:
-        return []
-    return [
-        f"model: the towers hold about {total:.2e} parameters ({total * 4 / 2**30:,.0f} GiB of fp32 weights), more "
-        f"than this machine's {memory / 2**30:,.0f} GiB of memory; reduce model.vision / model.text width or depth"
-    ]
+        try:
+            total += int(count(section, recipe))
+            total += recipe.model.embed_dim * int(getattr(section, "width", 0) or 0)  # g_v, g_t
+        except (OverflowError, ValueError):
+            return math.inf
+    return total
+
+
+def _size_fields(recipe: BaseModel) -> list[tuple[str, Any]]:
+    fields = [("model.embed_dim", recipe.model.embed_dim)]
+    for part in ("vision", "text"):
+        section = getattr(recipe.model, part)
+        for key, value in section:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                fields.append((f"model.{part}.{key}", value))
+    fields += [("tokenizer.vocab_size", recipe.tokenizer.vocab_size)]
+    fields += [("tokenizer.context_length", recipe.tokenizer.context_length)]
+    return fields
+
+
+def _with_size(recipe: BaseModel, field: str, value: Any) -> BaseModel:
+    """A copy of ``recipe`` with one dotted field replaced (not validated: only counted)."""
+    head, _, rest = field.partition(".")
+    node = getattr(recipe, head)
+    if rest:
+        return recipe.model_copy(update={head: _with_size(node, rest, value)})
+    return recipe.model_copy(update={head: value})
 
 
 def load_recipe(
@@ -441,6 +490,13 @@ def _walk_raw(raw: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, bool]:
     return parts, node, found
 
 
+def _dotted(parts: list[str]) -> str:
+    """``model.vision.width``; a key that is empty or holds other characters is quoted (``train.'my key'``), so
+    a problem line always starts with a field that can be read back."""
+    shown = [p if p and all(c.isalnum() or c in "_-" for c in p) else repr(p) for p in parts]
+    return ".".join(shown) or "(top level)"
+
+
 def _schema_at(schema: type[BaseModel], raw: Any, parts: list[str]) -> type[BaseModel] | None:
     """The pydantic model that holds the field at ``parts`` (following component names in ``raw``)."""
     model: Any = schema
@@ -480,7 +536,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
     lines: list[str] = []
     for err in exc.errors():
         parts, value, found = _walk_raw(raw, tuple(err["loc"]))
-        path = ".".join(parts) or "(top level)"
+        path = _dotted(parts)
         etype = err["type"]
         if etype == "extra_forbidden":
             owner = _schema_at(schema, raw, parts[:-1])

@@ -579,9 +579,9 @@ def test_sizes_that_cannot_build_are_recipe_errors(override, line):
 
 def test_a_model_larger_than_this_machine_is_a_recipe_error():
     (line,) = problems_of("sparc_tiny", ["model.text.width=100000"])
-    assert line.startswith("model: the towers hold about 4.80e+11 parameters (1,788 GiB of fp32 weights), more than "
-                           "this machine's ")
-    assert line.endswith("of memory; reduce model.vision / model.text width or depth")
+    assert line.startswith("model.text.width: 100000 makes the towers hold about 4.80e+11 parameters (1,788 GiB of "
+                           "fp32 weights), more than this machine's ")
+    assert line.endswith("of memory; reduce it (or another model.vision / model.text width or depth)")
 
 
 @pytest.mark.parametrize("recipe", ["sparc_tiny", "sparc_b16", "sparc_l14"])
