@@ -32,7 +32,8 @@ HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.", "head_dist.")
 
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` file or a torch file (``weights_only=True``), through fsspec.
+    """Read a state dict from a ``.safetensors`` file or a torch file (weights only: a pickle that would run code
+    is refused with :class:`~sparc_kit.pretrained.WeightsFileError`), through fsspec.
 
     A torch checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped, and a
     ``module.`` (DDP) or ``model.`` (this wrapper's own state dict) prefix shared by every key is removed.
@@ -40,18 +41,20 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import load_file
 
+    from sparc_kit.pretrained import load_torch_file  # weights only: a pickle that would run code is refused
+
     safetensors = str(path).endswith(".safetensors")
     fs, local = fsspec.core.url_to_fs(str(path))
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         # a local file: let safetensors / torch map it instead of reading it all into memory first
-        state = load_file(local) if safetensors else torch.load(local, map_location="cpu", weights_only=True)
+        state = load_file(local) if safetensors else load_torch_file(local, name=str(path))
     else:
         with fsspec.open(path, "rb") as f:
             data = f.read()
         if safetensors:
             state = load_safetensors(data)
         else:
-            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state = load_torch_file(io.BytesIO(data), name=str(path))
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
