@@ -150,6 +150,14 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
         image_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
         text_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
         image_global_head=(Literal["mlp", "none"], "mlp"),
+        text_end_token=(
+            Literal["include", "exclude"],
+            Field(
+                "include",
+                description="whether the end-of-caption token is one of the caption's tokens for the text pooler "
+                "and the token-level losses (the text tower attends to it either way)",
+            ),
+        ),
         attention=(attention_t, "sdpa"),
         init_temperature=(float, Field(0.07, gt=0)),
         max_logit_scale=(float, Field(100.0, gt=1)),

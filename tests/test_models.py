@@ -585,3 +585,73 @@ def test_the_temperature_at_its_cap_still_gets_a_gradient_and_the_engine_keeps_i
     (-engine(torch.zeros(1, 3, 64, 64), torch.ones(1, 4, dtype=torch.long))["logit_scale"]).backward()
     engine.step(None)
     assert float(model.log_logit_scale.detach()) == pytest.approx(math.log(20))
+
+
+# ------------------------------------------------------------------------------------ text recipe choices
+def _tiny_text_recipe(*more):
+    return load_recipe("sparc_tiny", [
+        "model.text.width=32", "model.text.depth=1", "model.text.heads=2", "model.vision.width=32",
+        "model.vision.depth=1", "model.vision.heads=2", "model.embed_dim=16", *more,
+    ])
+
+
+def test_excluded_end_token_leaves_the_pooled_mean_and_the_token_mask():
+    torch.manual_seed(0)
+    model = build_model(_tiny_text_recipe("model.text_end_token=exclude")).eval()
+    ids = torch.tensor([[5, 6, 7, 3, 0, 0], [8, 3, 0, 0, 0, 0]])
+    out = model.text_features(ids, ids != 0)
+    words = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(out["token_mask"], words)
+    # the mean of the projected word tokens alone (g_t is linear), computed by hand
+    by_hand = torch.stack([out["token_embeds"][b][words[b]].mean(0) for b in range(2)])
+    torch.testing.assert_close(out["text_embeds"], by_hand, rtol=1e-5, atol=1e-6)
+    # the tower still attends to the end token: its features depend on it being there
+    without = model.text_features(torch.tensor([[5, 6, 7, 0, 0, 0]]), torch.tensor([[1, 1, 1, 0, 0, 0]]).bool())
+    assert not torch.allclose(without["text_embeds"], out["text_embeds"][:1])
+    included = build_model(_tiny_text_recipe("model.text_end_token=include")).eval()
+    included.load_state_dict(model.state_dict())
+    assert torch.equal(included.text_features(ids, ids != 0)["token_mask"], ids != 0)
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_text_token_embedding_init_std_follows_the_recipe(std):
+    torch.manual_seed(0)
+    model = build_model(_tiny_text_recipe(f"model.text.embed_init_std={std}", "tokenizer.vocab_size=4000"))
+    measured = model.text.token_embed.weight.std().item()
+    assert abs(measured - std) < 0.03 * std  # 4000 x 32 draws: the sample std is within 3%
+
+
+# ---------------------------------------------------------------- evaluation goes only through trained layers
+def _builtin_recipes():
+    from sparc_kit.config import builtin_recipes
+
+    return sorted(builtin_recipes())
+
+
+@pytest.mark.parametrize("name", _builtin_recipes())
+def test_every_parameter_the_evaluation_path_uses_is_trained(name):
+    """Zero-shot and retrieval score through ``encode_image`` / ``encode_text``; every parameter they use must
+    receive a non-zero gradient from the recipe's training loss (else the evaluation judges a layer at its
+    initialisation, as FILIP and PACL once did through an untrained ``h_v``)."""
+    from sparc_kit.train.loop import build_loss
+
+    recipe = load_recipe(name, TINY_OVERRIDES + ["tokenizer.vocab_size=256"])
+    torch.manual_seed(0)
+    model = build_model(recipe).train()
+    loss_fn = build_loss(recipe)
+    images, ids, mask = tiny_batch()
+    loss_fn(**model(images, ids, mask))["loss"].backward()
+    trained = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    model.zero_grad(set_to_none=True)
+    scores = model.encode_image(images) @ model.encode_text(ids, mask).T
+    (scores * torch.randn_like(scores)).sum().backward()
+    used = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert used, "the evaluation path used no parameter"
+    assert sorted(used - trained) == []
+
+
+def test_every_registered_loss_has_a_builtin_recipe_checked_above():
+    from sparc_kit.registry import losses
+
+    covered = {load_recipe(n).loss.name for n in _builtin_recipes()}
+    assert set(losses.names()) <= covered

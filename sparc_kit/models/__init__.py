@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparc_kit.models import attention, poolers, text, timm_encoder, vit  # noqa: F401  (registration)
+from sparc_kit.data.tokenizer import EOS_ID
 from sparc_kit.models.dual_encoder import DualEncoder
 from sparc_kit.models.poolers import (
     AttentionPooler,
@@ -87,6 +88,7 @@ def build_model(recipe: Any) -> DualEncoder:
         image_global_head=m.image_global_head,
         init_temperature=m.init_temperature,
         max_logit_scale=m.max_logit_scale,
+        end_id=None if m.text_end_token == "include" else EOS_ID,
     )
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)

@@ -23,6 +23,9 @@ class DualEncoder(nn.Module):
       ``image_global_head="mlp"``), or ``g_v(pool(f_v))`` = the mean of the projected patches (the paper's
       pseudo-code, ``"none"``; equal because ``g_v`` is linear).
     - Global text embedding: ``g_t(masked_mean(f_t))`` = the masked mean of the projected tokens.
+    - ``end_id``: when set, tokens with this id (the tokenizer's end-of-caption token) are attended to by the text
+      tower but are not among the caption's tokens: neither the text pooler nor the token-level losses see them
+      (recipe ``model.text_end_token: exclude``).
     - ``logit_scale``: exp of a learned log scale, initialised to ``1 / init_temperature`` and clamped to
       ``max_logit_scale``, shared by the global and fine-grained losses (Listing 1).
 
@@ -42,6 +45,7 @@ class DualEncoder(nn.Module):
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
         pad_id: int = 0,
+        end_id: int | None = None,
     ):
         super().__init__()
         self.vision = vision
@@ -65,6 +69,7 @@ class DualEncoder(nn.Module):
         start = min(max(math.log(1.0 / init_temperature), 0.0), self.max_log_logit_scale)
         self.log_logit_scale = nn.Parameter(torch.tensor(start))
         self.pad_id = pad_id
+        self.end_id = end_id
 
     # ---------------------------------------------------------------------------------------------- towers
     def image_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,6 +86,8 @@ class DualEncoder(nn.Module):
             token_mask = token_ids != self.pad_id
         token_mask = token_mask.bool()
         tokens = self.text(token_ids, token_mask)  # [B, L, Wt]
+        if self.end_id is not None:  # the tower attended to the end token; it is not one of the caption's tokens
+            token_mask = token_mask & (token_ids != self.end_id)
         pooled = self.text_pooler(tokens, token_mask, cls_token=None)  # [B, Wt]; text towers have no class token
         return {
             "token_embeds": self.text_adapter(tokens),  # [B, L, E]

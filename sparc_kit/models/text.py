@@ -36,6 +36,9 @@ class TextTransformer(nn.Module):
     ``vocab_size`` and ``context_length`` default to the tokenizer's (the recipe's ``tokenizer`` section), so the
     embedding table always matches the tokenizer. ``causal`` selects a CLIP-style causal mask; the default is
     bidirectional, so every token's embedding sees the whole caption before it is grouped with patches.
+    ``embed_init_std``: the standard deviation of the token embedding's normal initialisation. CLIP's 0.02 makes
+    a token's own identity small beside what attention mixes in from the rest of the caption under this pre-LN
+    tower; see docs/results.md for what it costs at small scale.
     Paper size: width 768, depth 12, heads 12, 55 tokens.
     """
 
@@ -48,6 +51,7 @@ class TextTransformer(nn.Module):
         heads: PositiveInt = 12,
         mlp_ratio: PositiveFloat = 4.0,
         causal: bool = False,
+        embed_init_std: PositiveFloat = 0.02,
         attention: str = "sdpa",
         grad_checkpointing: bool = False,
     ):
@@ -63,6 +67,7 @@ class TextTransformer(nn.Module):
         self.transformer = Transformer(width, depth, heads, mlp_ratio, attention)
         self.norm = nn.LayerNorm(width)
         self.apply(init_weights)
+        nn.init.normal_(self.token_embed.weight, std=embed_init_std)
         nn.init.normal_(self.pos_embed, std=0.01)
         self.set_grad_checkpointing(grad_checkpointing)
 
