@@ -193,8 +193,15 @@ def test_patches_and_the_threshold_one_over_p(name: str, patches: int):
 B16_EXCEPTIONS = {
     "gloria_b16": {"train.batch_size": 4096, "train.steps": 800_000},  # the paper's GLoRIA schedule (memory)
     "siglip_b16": {"model.init_temperature": 0.1},  # SigLIP's initial scale 10
+    # lambda_g 0 trains no h_v: the global image embedding is the (trained) mean of the projected patches
+    "filip_b16": {"model.image_global_head": "none"},
+    "pacl_b16": {"model.image_global_head": "none"},
 }
-TINY_EXCEPTIONS = {"siglip_tiny": {"model.init_temperature": 0.1}}
+TINY_EXCEPTIONS = {
+    "siglip_tiny": {"model.init_temperature": 0.1},
+    "filip_tiny": {"model.image_global_head": "none"},
+    "pacl_tiny": {"model.image_global_head": "none"},
+}
 
 
 def loss_keys(r: Any) -> set[str]:

@@ -597,3 +597,12 @@ def test_parameter_counts_from_the_recipe_equal_the_built_towers(recipe):
             model = sparc_kit.build_model(r)
     assert VisionTransformer.parameter_count(r.model.vision, r) == sum(p.numel() for p in model.vision.parameters())
     assert TextTransformer.parameter_count(r.model.text, r) == sum(p.numel() for p in model.text.parameters())
+
+
+@pytest.mark.parametrize("name", ["sparc_tiny", "filip_tiny", "pacl_tiny", "gloria_tiny", "mgca_tiny"])
+def test_a_global_head_no_term_trains_is_refused_naming_both_fields(name):
+    with pytest.raises(RecipeError) as info:
+        load_recipe(name, ["loss.lambda_g=0", "model.image_global_head=mlp"])
+    (line,) = info.value.problems
+    assert line.startswith("model.image_global_head:") and "loss.lambda_g" in line
+    assert load_recipe(name, ["loss.lambda_g=0", "model.image_global_head=none"]).loss.lambda_g == 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
+from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["FilipLoss", "filip_similarities", "drop_tokens"]
@@ -68,7 +68,7 @@ def filip_similarities(
     return s_image, s_text
 
 
-@losses.register("filip")
+@losses.register("filip", check=check_global_head_trained)
 class FilipLoss(GlobalPlusFineLoss):
     """FILIP (Yao et al. 2022): contrastive loss on token-wise maximum similarities over all pairs of the batch.
 

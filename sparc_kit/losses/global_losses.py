@@ -9,7 +9,7 @@ weighted by ``lambda_g``, plus the baseline's own term weighted by ``lambda_f`` 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -194,6 +194,19 @@ def build_global_term(name: GlobalLossName = "clip", local_loss: bool = True) ->
     if name == "siglip":
         return SigLipLoss()
     raise ValueError(f"global_loss must be 'clip' or 'siglip', got {name!r}")
+
+
+def check_global_head_trained(recipe: Any, path: str) -> list[str]:
+    """A loss of :class:`GlobalPlusFineLoss` shape trains ``h_v`` (``model.image_global_head: mlp``) through its
+    global term only: with ``lambda_g`` 0 that layer never learns, yet zero-shot and retrieval score through
+    ``encode_image``, which uses it. Such a recipe is refused rather than evaluated at its initialisation."""
+    if recipe.loss.lambda_g == 0 and recipe.model.image_global_head == "mlp":
+        return [
+            f"model.image_global_head: 'mlp' (h_v) is trained only by the global term, and {path}.lambda_g is 0, "
+            "so evaluation would score through an untrained layer; set model.image_global_head: none (the mean "
+            f"of the projected patches, which {path}.name={recipe.loss.name!r} trains), or {path}.lambda_g > 0"
+        ]
+    return []
 
 
 class GlobalPlusFineLoss(nn.Module):

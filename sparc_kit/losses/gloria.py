@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
+from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["GloriaLoss", "gloria_similarities"]
@@ -63,7 +63,7 @@ def gloria_similarities(
     return torch.where(has_tokens, match, torch.zeros_like(match))
 
 
-@losses.register("gloria")
+@losses.register("gloria", check=check_global_head_trained)
 class GloriaLoss(GlobalPlusFineLoss):
     """GLoRIA: global contrast plus a contrast of word-region matching scores over all pairs of the batch.
 

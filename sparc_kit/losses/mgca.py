@@ -16,7 +16,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from sparc_kit.losses.functional import masked_pairwise_contrastive_loss, scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
+from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["MgcaLoss", "CrossAttention"]
@@ -86,7 +86,7 @@ class CrossAttention(LazyModuleMixin, nn.Module):
         return (scores.softmax(dim=-1) @ v) @ self.out_proj.t()  # [B, Q, E]
 
 
-@losses.register("mgca", internal=("embed_dim",))
+@losses.register("mgca", internal=("embed_dim",), check=check_global_head_trained)
 class MgcaLoss(GlobalPlusFineLoss):
     """MGCA's cross-modal token alignment (CTA) as SPARC re-implemented it, plus the global loss.
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss
+from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["PaclLoss", "pacl_similarities"]
@@ -42,7 +42,7 @@ def pacl_similarities(
     return (F.normalize(pooled, dim=-1) * text[None]).sum(dim=-1)  # [B_img, B_txt]
 
 
-@losses.register("pacl")
+@losses.register("pacl", check=check_global_head_trained)
 class PaclLoss(GlobalPlusFineLoss):
     """PACL: InfoNCE between a text-conditioned softmax pooling of the patches and the global text embedding.
 

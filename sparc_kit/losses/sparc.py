@@ -8,13 +8,13 @@ import torch
 
 from sparc_kit.losses.diagnostics import diagnostics_enabled
 from sparc_kit.losses.functional import average_denominator, sparc_alignment_weights, sparc_fine_grained_loss, wide
-from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss
+from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["SparcLoss"]
 
 
-@losses.register("sparc")
+@losses.register("sparc", check=check_global_head_trained)
 class SparcLoss(ClipLoss):
     """``lambda_g * L_global + lambda_f * L_fine`` (eq. 7): CLIP's global loss plus SPARC's fine-grained loss.
 
