@@ -11,12 +11,15 @@ Layout of ``RUN/checkpoints/step_00000200/``:
   for runs of the ``deepspeed`` engine; ``model.safetensors`` beside it holds the consolidated fp32 weights;
 - ``state.json``: step, samples seen (the data position), the time trained, the bad-sample and truncation
   counts, the data-loader worker count (a streaming dataset's order depends on it), the engine, the number of
-  processes and the accumulation steps.
+  processes, the accumulation steps, and ``files``: every other file and folder of the checkpoint (written last).
 
 A checkpoint is written into a hidden temporary folder (``.tmp-step_N``, the same name on every process, so
 all of them write their parts into it) and renamed into place by rank 0 once every process is done, then
 ``checkpoints/latest`` is replaced (temporary file, then rename): a crash or SIGKILL at any moment leaves the
-previous checkpoint usable, and a stale temporary folder is removed by the next save.
+previous checkpoint usable, and a stale temporary folder is removed by the next save. A step folder is deleted
+(pruned, or replaced by a new save of its step) by renaming it to a temporary name first. A resume takes the
+folder ``latest`` names, or, when that is gone or lacks a file, the newest complete one, and says so in one
+line (:func:`resume_checkpoint`, :class:`ResumeWarning`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +42,9 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_state",
     "latest_checkpoint",
+    "resume_checkpoint",
     "CheckpointInfo",
+    "ResumeWarning",
     "load_model_weights",
     "load_module_weights",
     "write_safetensors",
@@ -46,6 +52,21 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+WRITE_DELAY_ENV = "SPARC_TEST_WRITE_DELAY"
+
+
+def write_pause() -> None:
+    """For fault tests only: when ``$SPARC_TEST_WRITE_DELAY`` is set, sleep that many seconds at the points of a
+    checkpoint or metrics write where a crash is worst (between files, between the rename and the pointer, in the
+    middle of a metrics row), so that a test's SIGKILL can land there. It changes no number."""
+    delay = os.environ.get(WRITE_DELAY_ENV)
+    if delay:
+        time.sleep(float(delay))
+
+
+class ResumeWarning(UserWarning):
+    """A resume passed over a checkpoint it could not use and started from an older one (one line: which, why)."""
 
 
 @dataclass
@@ -117,13 +138,16 @@ def _write_files(
     state: dict[str, Any],
 ) -> None:
     """A checkpoint's files in ``folder``: ``NAME.safetensors`` per part that holds tensors (``model`` always),
-    ``trainer.pt`` and ``state.json``."""
+    ``trainer.pt`` and, last, ``state.json``, which lists every other file and folder there (``files``)."""
     for part, tensors in parts.items():
         if tensors or part == "model":
             write_safetensors(os.path.join(folder, f"{part}.safetensors"), tensors, step)
+            write_pause()
     torch.save(trainer_state, os.path.join(folder, "trainer.pt"))
+    write_pause()
+    files = sorted(f for f in os.listdir(folder) if not f.startswith("."))  # what a resume checks is there
     with open(os.path.join(folder, "state.json"), "w") as f:
-        json.dump({"step": step, **state}, f, indent=1)
+        json.dump({"step": step, **state, "files": files}, f, indent=1)
 
 
 def _publish(root: str, tmp: str, step: int, keep: int) -> str:
@@ -132,10 +156,12 @@ def _publish(root: str, tmp: str, step: int, keep: int) -> str:
     final = os.path.join(root, name)
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
     if os.path.exists(final):
-        shutil.rmtree(final)
+        _remove(final)
     os.replace(tmp, final)
+    write_pause()
     _atomic_write_text(os.path.join(root, "latest"), name + "\n")
-    _prune(root, keep)
+    write_pause()
+    _prune(root, keep, step)
     return final
 
 
@@ -193,36 +219,90 @@ def read_checkpoint_state(path: str) -> dict[str, Any]:
     return state
 
 
-def _complete(path: str) -> bool:
-    return all(os.path.exists(os.path.join(path, f)) for f in ("model.safetensors", "trainer.pt", "state.json"))
+_REQUIRED = ("model.safetensors", "trainer.pt", "state.json")
 
 
-def _prune(root: str, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints; remove temporary folders a killed save left behind (called once the
-    new checkpoint is in place, when no save is under way)."""
-    steps = sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d)))
-    for _, d in steps[:-keep]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+def _missing(path: str) -> list[str]:
+    """What a step folder lacks to be resumed from: one of the files every checkpoint has, or one that its
+    ``state.json`` lists (checkpoints written before that list have only the first check)."""
+    missing = [f for f in _REQUIRED if not os.path.exists(os.path.join(path, f))]
+    if missing:
+        return missing
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            listed = json.load(f).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return ["readable state.json"]
+    return [f for f in listed if not os.path.exists(os.path.join(path, f))]
+
+
+def _step_folders(root: str) -> list[tuple[int, str]]:
+    return sorted((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d)))
+
+
+def _remove(path: str) -> None:
+    """Delete a step folder by renaming it to a temporary name first, so that a kill in the middle of deleting
+    never leaves a folder under a checkpoint's name with some of its files gone."""
+    doomed = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".tmp-{os.path.basename(path)}-old-")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _prune(root: str, keep: int, newest: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints up to ``newest`` (the one just published) and remove every
+    other step folder: older ones, incomplete ones, and any past ``newest``, which a run that resumed from an
+    earlier checkpoint (a fallback, or a pointer never moved to a folder renamed into place) has left behind and
+    retrains. Then remove temporary folders a killed save left (called once the new checkpoint is in place, when
+    no save is under way)."""
+    steps = _step_folders(root)
+    complete = [d for step, d in steps if step <= newest and not _missing(os.path.join(root, d))]
+    kept = set(complete[-keep:])
+    for _, d in steps:
+        if d not in kept:
+            _remove(os.path.join(root, d))
     for d in os.listdir(root):
         if d.startswith(".tmp-step_") and os.path.isdir(os.path.join(root, d)):
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint folder under ``root``, or None."""
+def resume_checkpoint(root: str) -> tuple[str | None, str | None]:
+    """The checkpoint a run resumes from, and one line saying what was passed over, if anything (else None).
+
+    ``latest`` names the checkpoint when it is complete; otherwise (it names a folder that is gone or lacks a
+    file) the newest complete step folder is taken, and the line says which ones were skipped and why.
+    """
     if not os.path.isdir(root):
-        return None
+        return None, None
+    skipped: list[str] = []
+    named = None
     pointer = os.path.join(root, "latest")
     if os.path.exists(pointer):
         with open(pointer) as f:
-            candidate = os.path.join(root, f.read().strip())
-        if _complete(candidate):
-            return candidate
-    steps = sorted(((int(m.group(1)), d) for d in os.listdir(root) if (m := _STEP_DIR.match(d))), reverse=True)
-    for _, d in steps:
-        if _complete(os.path.join(root, d)):
-            return os.path.join(root, d)
-    return None
+            named = f.read().strip()
+        candidate = os.path.join(root, named)
+        if not _STEP_DIR.match(named):
+            skipped.append(f"{pointer} holds {named!r}, not a checkpoint name")
+        elif not os.path.isdir(candidate):
+            skipped.append(f"{pointer} names {named}, which does not exist")
+        elif missing := _missing(candidate):
+            skipped.append(f"checkpoint {candidate} is incomplete (no {', '.join(missing)})")
+        else:
+            return candidate, None
+    for _, d in reversed(_step_folders(root)):
+        if d == named:
+            continue
+        path = os.path.join(root, d)
+        missing = _missing(path)
+        if not missing:
+            return path, "; ".join([*skipped, f"resuming from {d}"]) if skipped else None
+        skipped.append(f"checkpoint {path} is incomplete (no {', '.join(missing)})")
+    return None, "; ".join([*skipped, "no complete checkpoint is left: starting from step 0"]) if skipped else None
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The newest complete checkpoint folder under ``root`` (the one ``latest`` names when it is complete), or
+    None; :func:`resume_checkpoint` also says what it passed over."""
+    return resume_checkpoint(root)[0]
 
 
 def load_model_weights(model: torch.nn.Module, path: str) -> None:

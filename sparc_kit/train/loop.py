@@ -41,7 +41,15 @@ from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines, losses
-from sparc_kit.train.checkpoint import latest_checkpoint, read_checkpoint_state, save_train_checkpoint
+from sparc_kit.train.checkpoint import (
+    WRITE_DELAY_ENV,
+    ResumeWarning,
+    latest_checkpoint,
+    read_checkpoint_state,
+    resume_checkpoint,
+    save_train_checkpoint,
+    write_pause,
+)
 from sparc_kit.train.module import TrainModule
 from sparc_kit.train.schedule import lr_factor
 from sparc_kit.train.state import TrainState
@@ -185,6 +193,18 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _append_row(f, row: dict[str, Any]) -> None:
+    """One metrics row, flushed (a crash can cut the line short: the next start drops a cut line)."""
+    line = json.dumps(row) + "\n"
+    if os.environ.get(WRITE_DELAY_ENV):  # fault tests: hold the row half-written for a while
+        f.write(line[: len(line) // 2])
+        f.flush()
+        write_pause()
+        line = line[len(line) // 2 :]
+    f.write(line)
+    f.flush()
+
+
 def _truncate_metrics(run_dir: str, last_step: int) -> None:
     """Drop rows logged after the checkpoint we resume from: those steps are trained again."""
     rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
@@ -236,6 +256,14 @@ def _check_skips(counts: dict[str, int], max_fraction: float, step: int) -> None
             f"({counts['skipped'] / total:.1%} > train.max_skip_fraction={max_fraction}); "
             "check the data with `sparc data verify`, or raise train.max_skip_fraction"
         )
+
+
+def _resume_point(root: str) -> str | None:
+    """The checkpoint to resume from; a warning of one line when a newer one had to be passed over."""
+    path, note = resume_checkpoint(root)
+    if note:
+        warnings.warn(note, ResumeWarning, stacklevel=2)
+    return path
 
 
 def _ckpt_step(root: str) -> int:
@@ -496,7 +524,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
     ckpt_root = os.path.join(out_dir, "checkpoints")
-    ckpt_path = engine.broadcast_object(latest_checkpoint(ckpt_root) if engine.is_main else None)
+    ckpt_path = _on_main(engine, lambda: _resume_point(ckpt_root))  # every process gets rank 0's answer
 
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
     dataset = build_dataset(recipe)
@@ -645,8 +673,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                         elapsed_s=round(state.trained_s + now - t_loop, 3),
                     )
                     if metrics_file is not None:
-                        metrics_file.write(json.dumps(row) + "\n")
-                        metrics_file.flush()
+                        _append_row(metrics_file, row)
                     window, window_counts, window_n, window_t0 = {}, {}, 0, now
                 elapsed = time.perf_counter() - t_loop
                 eta = elapsed / max(step - start_step, 1) * (total - step)
