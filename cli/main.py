@@ -1,14 +1,17 @@
 """The ``sparc`` command. Thin: each command parses, validates and calls the library.
 
-Exit codes: 0 success; 1 a run that failed (non-finite loss, a run folder that does not fit the recipe);
-2 bad input (a recipe or argument error), printed one line per problem with no traceback; 130 interrupted.
+Exit codes: 0 success; 1 a run that failed (non-finite loss, a run folder that does not fit the recipe, an
+unexpected error: one line naming RUN/error.log, which holds the traceback); 2 bad input (a recipe or argument
+error), printed one line per problem with no traceback; 130 interrupted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -60,13 +63,14 @@ def _rank_and_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _fail_run(exc: BaseException, code: int) -> None:
-    """A training process's one-line error. One process of several leaves it for `sparc train --nproc` to
-    print (the root cause only); under another launcher it prints it with its rank, unless it merely repeats
-    an error of rank 0's."""
+def _fail_run(exc: BaseException, code: int, line: str | None = None) -> None:
+    """A training process's one-line error (``line``, else the error's first line). One process of several
+    leaves it for `sparc train --nproc` to print (the root cause only); under another launcher it prints it
+    with its rank, unless it merely repeats an error of rank 0's."""
     from sparc_kit.train.launch import record_failure
 
-    line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if line is None:
+        line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     rank, world = _rank_and_world()
     if world > 1:
         from_main = bool(getattr(exc, "from_main", False))
@@ -74,6 +78,41 @@ def _fail_run(exc: BaseException, code: int) -> None:
             typer.echo(f"error: [rank {rank}] {line}", err=True)
         raise typer.Exit(code)
     _fail(line, code)
+
+
+def _write_traceback(exc: BaseException, out_dir: str) -> str:
+    """The whole traceback of ``exc``, appended to ``RUN/error.log`` (``error.rankN.log`` for process N > 0 of
+    several) under a line saying when and what ran; a temporary file when the run folder cannot be written.
+    Returns the file's path."""
+    import datetime
+    import tempfile
+    import traceback
+
+    rank, world = _rank_and_world()
+    header = (
+        f"--- {datetime.datetime.now().isoformat(timespec='seconds')} pid {os.getpid()}"
+        f"{f' rank {rank}' if world > 1 else ''}: sparc {' '.join(sys.argv[1:])}\n"
+    )
+    text = header + "".join(traceback.format_exception(exc))
+    path = os.path.join(out_dir, "error.log" if rank == 0 else f"error.rank{rank}.log")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(text)
+    except OSError:
+        fd, path = tempfile.mkstemp(prefix="sparc-error-", suffix=".log")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+    return path
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Warnings raised during a run as one ``warning: ...`` line each on stderr (Python's own format takes two,
+    the second a line of source)."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+        yield
 
 
 def _launch(recipe: str, set_: list[str], out_dir: str, quiet: bool, nproc: int, cfg) -> None:
@@ -146,7 +185,8 @@ def train(
 
     rank, world = _rank_and_world()
     try:
-        result = run_train(cfg, out_dir, progress=not quiet)
+        with _one_line_warnings():
+            result = run_train(cfg, out_dir, progress=not quiet)
     except (
         ResumeMismatchError, RunFolderBusyError, NonFiniteLossError, NonFiniteGradientError, TooManyBadSamplesError
     ) as exc:
@@ -163,7 +203,9 @@ def train(
             if not record_failure(line, 1, peer=True):
                 typer.echo(f"error: [rank {rank}] {line}", err=True)
             raise typer.Exit(1)
-        raise
+        # an error nobody anticipated (a bug, the disk): one line naming the file that holds the whole traceback
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        _fail_run(exc, 1, f"{type(exc).__name__}: {first} (traceback: {_write_traceback(exc, out_dir)})")
     if not quiet and rank == 0:
         if result.resumed_from is not None and result.resumed_from >= result.steps:
             typer.echo(f"run already complete at step {result.steps}: {out_dir}")

@@ -5,7 +5,8 @@
 - Half-written run folders built by hand and resumed in-process: a leftover temporary checkpoint folder, a step
   folder missing a file, a ``latest`` pointer to nothing, a metrics line cut short, a checkpoint renamed into
   place whose pointer was never written.
-- Exit codes of the console script: 2 (bad recipe field), 130 (Ctrl-C); a second trainer on a busy run folder.
+- Exit codes of the console script: 0, 2 (bad recipe field), 130 (Ctrl-C), 1 (an unexpected error, with its
+  traceback in the run folder); a second trainer on a busy run folder.
 - The learning-rate schedule and gradient clipping against values worked out by hand.
 """
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import sparc_kit
 from sparc_kit.engines import LocalEngine, OptimizerSpec, param_groups
@@ -153,6 +155,26 @@ def test_a_bad_recipe_field_exits_2_with_one_line_and_creates_nothing(work):
     assert not out.exists()
 
 
+def test_an_unexpected_error_exits_1_naming_the_traceback_file_in_the_run_folder(work):
+    """A run folder whose ``checkpoints`` is a file: training starts, and the first checkpoint fails with an
+    OSError nobody anticipated. One line, exit 1, the whole traceback in RUN/error.log."""
+    out = work / "internal"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a folder\n")
+    proc = subprocess.run(harness.train_command(out, STEPS), env=harness.child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    log = out / "error.log"
+    assert proc.stderr.splitlines() == [
+        f"error: FileExistsError: [Errno 17] File exists: '{out / 'checkpoints'}' (traceback: {log})"
+    ]
+    text = log.read_text()
+    assert "Traceback (most recent call last):" in text and "in save_train_checkpoint" in text
+    assert text.rstrip().endswith(f"FileExistsError: [Errno 17] File exists: '{out / 'checkpoints'}'")
+    assert [r["step"] for r in read_metrics(str(out))] == [1, 2]  # it failed at the first checkpoint, step 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # half-written run folders, built by hand (in-process runs of the micro recipe: 12 steps, log_every 2,
 # checkpoint_every 4, keep 2), each resumed to the end and compared with the uninterrupted run
@@ -226,6 +248,22 @@ def test_a_step_folder_missing_a_file_falls_back_to_the_previous_checkpoint(unin
         resumed = train(micro_recipe("train.steps=12"), out, progress=False)
     assert [str(w.message) for w in caught if w.category is ResumeWarning] == [expected]
     assert resumed.resumed_from == 4
+    _assert_finished_like(out, ref_dir)
+
+
+def test_the_fallback_is_one_warning_line_from_the_command(uninterrupted, crashed, tmp_path):
+    ref_dir, _ = uninterrupted
+    out = _copy(crashed, 10, tmp_path)
+    root = os.path.join(out, "checkpoints")
+    os.remove(os.path.join(root, "step_00000008", "trainer.pt"))
+    from sparc_cli.main import app
+
+    sets = [a for s in [*MICRO, "train.steps=12"] for a in ("--set", s)]
+    result = CliRunner().invoke(app, ["train", "sparc_tiny", *sets, "--out", out, "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        f"warning: checkpoint {root}/step_00000008 is incomplete (no trainer.pt); resuming from step_00000004"
+    ]
     _assert_finished_like(out, ref_dir)
 
 
