@@ -287,6 +287,9 @@ class _ShardWriter:
     """Tar shards of ``shard_size`` samples; local ones written to a temporary name then renamed."""
 
     def __init__(self, pattern: str, shard_size: int, storage_options: dict | None = None):
+        from sparc_kit.data.filesystems import check_url
+
+        check_url(pattern, "OUT_PATTERN")  # before any sample is read, not at the first shard
         self.pattern, self.shard_size = pattern, shard_size
         self.storage_options = storage_options or {}
         self.index, self.in_shard = 0, 0

@@ -201,6 +201,12 @@ def builtin_recipes() -> dict[str, str]:
 
 def resolve_recipe_path(spec: str) -> str:
     """A path or URL that exists, or the name of a built-in recipe (``sparc_tiny``)."""
+    from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url
+
+    try:
+        check_url(spec, "recipe")  # gs:// without gcsfs: one line, not fsspec's ImportError
+    except FilesystemUnavailableError as exc:
+        raise RecipeError([str(exc)], source=spec) from None
     fs, _, paths = fsspec.get_fs_token_paths(spec)
     if fs.exists(paths[0]) and not fs.isdir(paths[0]):
         return spec

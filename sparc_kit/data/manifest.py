@@ -29,6 +29,7 @@ from typing import Any, Iterator, Literal
 import fsspec
 from torch.utils.data import Dataset
 
+from sparc_kit.data.filesystems import check_url, filesystem
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
 from sparc_kit.registry import datasets
 
@@ -77,10 +78,12 @@ def manifest_format(path: str, fmt: str = "auto") -> str:
 
 
 def read_manifest_rows(
-    path: str, fmt: str = "auto", storage_options: dict | None = None
+    path: str, fmt: str = "auto", storage_options: dict | None = None, field: str = "data.path"
 ) -> Iterator[tuple[int, dict | None, str | None]]:
-    """``(line_number, row, error)`` for each non-blank line; ``row`` is None when the line is unusable."""
+    """``(line_number, row, error)`` for each non-blank line; ``row`` is None when the line is unusable.
+    ``field`` names the setting in the error for a URL whose filesystem package is missing."""
     fmt = manifest_format(path, fmt)
+    check_url(path, field)
     try:
         f = fsspec.open(path, "rt", encoding="utf-8", compression="infer", **(storage_options or {})).open()
     except FileNotFoundError:
@@ -206,6 +209,13 @@ class ManifestDataset(Dataset):
             self.extras.append(
                 {k: v for k, v in row.items() if k not in (self.image_key, self.caption_key, self.captions_key)}
             )
+        schemes = {}  # one image URL per scheme: its filesystem package must be importable
+        for image in self.images:
+            path = join_path(self.image_root, image)
+            if is_url(path):
+                schemes.setdefault(path.split("://", 1)[0], path)
+        for url in schemes.values():
+            check_url(url, f"data.path (the images {self.path} lists)")
         if not self.images:
             if not lines:
                 raise ManifestError(f"manifest {self.path} is empty")
@@ -275,7 +285,7 @@ class ManifestDataset(Dataset):
         protocol = url.split("://", 1)[0] if is_url(url) else "file"
         fs = self._fs_cache.get(protocol)
         if fs is None:
-            fs = fsspec.filesystem(protocol, **(self.storage_options if protocol != "file" else {}))
+            fs = filesystem(url, self.storage_options, field=f"data.path (the images {self.path} lists)")
             self._fs_cache[protocol] = fs
         return fs
 

@@ -15,6 +15,8 @@ import fsspec
 import sentencepiece as spm
 import torch
 
+from sparc_kit.data.filesystems import check_url
+
 __all__ = ["Tokenizer", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -64,6 +66,7 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str, context_length: int = 55, lowercase: bool = True, add_eos: bool = True) -> "Tokenizer":
+        check_url(path, "tokenizer.path")
         with fsspec.open(path, "rb") as f:
             proto = f.read()
         return cls(proto, context_length=context_length, lowercase=lowercase, add_eos=add_eos)
@@ -71,6 +74,7 @@ class Tokenizer:
     def save(self, path: str) -> None:
         """Write the SentencePiece model atomically (temporary file, then rename) when ``path`` is local."""
         if "://" in path:
+            check_url(path, "tokenizer.path")
             with fsspec.open(path, "wb") as f:
                 f.write(self.model_proto)
             return

@@ -55,9 +55,9 @@ import re
 import tarfile
 from typing import Any, Callable, Iterator, Literal
 
-import fsspec
 from torch.utils.data import IterableDataset, get_worker_info
 
+from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url, filesystem
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
 from sparc_kit.registry import datasets
 
@@ -233,6 +233,8 @@ class WebDataset(IterableDataset):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ShardError(f"no shards in {urls!r}")
+        for url in {u.split("://", 1)[0]: u for u in self.urls if "://" in u}.values():  # one per scheme
+            check_url(url, "data.urls")
         missing = [u for u in self.urls if "://" not in u and not os.path.isfile(u)]
         if missing:
             more = f" (and {len(missing) - 1} more of {len(self.urls)})" if len(missing) > 1 else ""
@@ -407,7 +409,7 @@ class WebDataset(IterableDataset):
         protocol = url.split("://", 1)[0]
         fs = self._fs_cache.get(protocol)
         if fs is None:
-            fs = fsspec.filesystem(protocol, **self.storage_options)
+            fs = filesystem(url, self.storage_options, field="data.urls")
             self._fs_cache[protocol] = fs
         return fs
 
@@ -422,6 +424,8 @@ class WebDataset(IterableDataset):
         except FileNotFoundError:
             yield _ERROR, {"error": b"shard not found"}
             return
+        except FilesystemUnavailableError:  # not a bad shard: nothing of this scheme can be read here
+            raise
         except Exception as exc:
             yield _ERROR, {"error": f"cannot open: {type(exc).__name__}: {exc}".encode()}
             return
