@@ -277,6 +277,36 @@ def permute(inputs: dict[str, torch.Tensor], perm: torch.Tensor) -> dict[str, to
     return {k: (v if k == "logit_scale" else v[perm]) for k, v in inputs.items()}
 
 
+def ref_sinkhorn(scores, epsilon, iterations) -> list[list[float]]:
+    """SwAV / MGCA equipartition, written out: Q = exp(s / eps) / total, then alternately every prototype's
+    (column's) mass to 1/K and every sample's (row's) to 1/B; rows scaled to sum 1."""
+    b, k = len(scores), len(scores[0])
+    q = [[math.exp(x / epsilon) for x in row] for row in scores]
+    total = sum(map(sum, q))
+    q = [[x / total for x in row] for row in q]
+    for _ in range(iterations):
+        cols = [sum(q[i][c] for i in range(b)) for c in range(k)]
+        q = [[q[i][c] / cols[c] / k for c in range(k)] for i in range(b)]
+        q = [[x / sum(row) / b for x in row] for row in q]
+    return [[x * b for x in row] for row in q]
+
+
+def ref_cpa(img, txt, prototypes, temperature, epsilon, iterations) -> float:
+    """MGCA's prototype alignment: swapped prediction of the other side's Sinkhorn codes."""
+    s_i = [[_cos(z, c) for c in prototypes] for z in img]
+    s_t = [[_cos(z, c) for c in prototypes] for z in txt]
+    q_i, q_t = ref_sinkhorn(s_i, epsilon, iterations), ref_sinkhorn(s_t, epsilon, iterations)
+
+    def cross_entropy(codes, scores):
+        total = 0.0
+        for q, s in zip(codes, scores):
+            logp = [x / temperature - _lse([y / temperature for y in s]) for x in s]
+            total -= sum(a * b for a, b in zip(q, logp))
+        return total / len(codes)
+
+    return 0.5 * (cross_entropy(q_t, s_i) + cross_entropy(q_i, s_t))
+
+
 def mgca_weights(loss: MgcaLoss) -> tuple:
     mods = (loss.word_attention, loss.patch_attention)
     return tuple(w.detach().double().tolist() for m in mods for w in (m.q_proj, m.k_proj, m.v_proj, m.out_proj))
@@ -424,7 +454,44 @@ def test_mgca_matches_reference(average, embed_dim):
     ref = lists(inputs)
     fine = ref_mgca(ref["patch_embeds"], ref["token_embeds"], ref["token_mask"], SCALE, mgca_weights(loss), average)
     close(out["fine_loss"], fine)
-    close(out["loss"], ref_clip(ref["image_embeds"], ref["text_embeds"], SCALE) + fine)
+    protos = loss.prototypes.weight.tolist()
+    proto = ref_cpa(ref["image_embeds"], ref["text_embeds"], protos, 0.2, 0.05, 3)
+    close(out["proto_loss"], proto)
+    close(out["loss"], ref_clip(ref["image_embeds"], ref["text_embeds"], SCALE) + fine + proto)
+
+
+@pytest.mark.parametrize("settings", [
+    {"num_prototypes": 4, "proto_temperature": 0.2, "sinkhorn_epsilon": 0.05, "sinkhorn_iterations": 3},
+    {"num_prototypes": 7, "proto_temperature": 0.5, "sinkhorn_epsilon": 0.3, "sinkhorn_iterations": 1},
+])
+def test_mgca_prototype_term_matches_reference_and_trains_the_prototypes(settings):
+    inputs = make_inputs(9)
+    torch.manual_seed(3)
+    loss = MgcaLoss(embed_dim=D, lambda_p=2.0, **settings)
+    out = loss(**inputs)
+    ref = lists(inputs)
+    proto = ref_cpa(ref["image_embeds"], ref["text_embeds"], loss.prototypes.weight.tolist(),
+                    settings["proto_temperature"], settings["sinkhorn_epsilon"], settings["sinkhorn_iterations"])
+    close(out["proto_loss"], proto)
+    without = MgcaLoss(embed_dim=D, lambda_p=0.0, **settings)
+    without.load_state_dict(loss.state_dict())
+    close(out["loss"] - without(**inputs)["loss"], 2.0 * proto)  # lambda_p weighs exactly this term
+    out["loss"].backward()
+    assert loss.prototypes.weight.grad is not None and loss.prototypes.weight.grad.abs().sum() > 0
+    z = [inputs["image_embeds"].requires_grad_(), inputs["text_embeds"].requires_grad_()]
+    grads = torch.autograd.grad(loss.prototype_loss(*z), z)
+    assert all(g.abs().sum() > 0 for g in grads)  # the term reaches both towers
+
+
+def test_sinkhorn_codes_are_distributions_that_spread_over_prototypes():
+    from sparc_kit.losses.mgca import sinkhorn_knopp
+
+    scores = torch.randn(16, 4, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    q = sinkhorn_knopp(scores, epsilon=0.05, iterations=50)
+    torch.testing.assert_close(q.sum(1), torch.ones(16))  # each sample's code is a distribution
+    torch.testing.assert_close(q.sum(0), torch.full((4,), 4.0), rtol=1e-3, atol=1e-3)  # equipartition: B/K each
+    torch.testing.assert_close(q, torch.tensor(ref_sinkhorn(scores.tolist(), 0.05, 50), dtype=torch.float32),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_mgca_checkpoint_loads_into_a_lazy_instance():
@@ -546,6 +613,7 @@ def test_mgca_fine_term_is_per_sample():
 
 
 MGCA_PARAMS = [f"{s}_attention.{w}" for s in ("word", "patch") for w in ("q_proj", "k_proj", "v_proj", "out_proj")]
+MGCA_PARAMS.append("prototypes.weight")
 
 
 @pytest.mark.parametrize(
@@ -642,6 +710,12 @@ def test_registered_with_documented_defaults():
             "average": "caption",
             "global_loss": "clip",
             "local_loss": True,
+            # MGCA's prototype alignment (its section 3.4): weight 1, 500 prototypes, tau 0.2, eps 0.05, 3 rounds
+            "lambda_p": 1.0,
+            "num_prototypes": 500,
+            "proto_temperature": 0.2,
+            "sinkhorn_epsilon": 0.05,
+            "sinkhorn_iterations": 3,
         },
         "siglip": {"init_bias": -10.0},
     }
