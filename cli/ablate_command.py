@@ -42,7 +42,7 @@ def ablate_command(
         1, "--jobs", "-j", min=1, help="Points trained side by side, each a `sparc train` process with cpus/N threads."
     ),
     metric: Optional[str] = typer.Option(
-        None, "--metric", help="Name the best point by this metric (default final_loss)."
+        None, "--metric", help="Name the best point by this metric (default: an evaluation, else global_loss or final_loss when comparable across the points)."
     ),
     mode: Optional[str] = typer.Option(
         None, "--mode", help="min or max (default: max for accuracy/recall-like names, else min)."

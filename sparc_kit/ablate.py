@@ -878,16 +878,56 @@ def default_mode(metric: str) -> str:
     return "max" if any(tok in leaf for tok in _HIGHER_IS_BETTER) else "min"
 
 
+# Which varied paths change what a loss value means. Every contrastive term depends on the batch size (its
+# log B), so a loss is compared across points only when none of these is varied.
+_CHANGES_ANY_LOSS = ("train.batch_size", "loss.name")
+_CHANGES_GLOBAL_TERM = ("loss.global_loss",)
+_EVAL_PREFERENCE = ("top1", "r@1", "r1", "acc")
+
+
+def default_metric(names: list[str], varied: list[str]) -> tuple[str | None, str]:
+    """The metric a sweep's best point is named by when ``--metric`` is not given, and why it is comparable.
+
+    ``final_loss`` is the optimised total (e.g. ``lambda_g * global + lambda_f * fine``), whose scale moves with a
+    varied loss weight itself, so it ranks points only when nothing under ``loss.`` varies. In order:
+
+    1. an evaluation (``eval/...``; a top-1 or R@1-like one first, then any maximised one): the same measurement
+       at every point;
+    2. ``global_loss``, the global contrastive term alone, when the sweep varies neither the loss, its global term
+       nor the batch size;
+    3. ``final_loss``, when nothing under ``loss.`` (nor the batch size) varies.
+
+    Returns ``(None, reason)`` when no logged metric is comparable across the points.
+    """
+    evals = [n for n in names if n.startswith("eval/") and default_mode(n) == "max"]
+    for token in _EVAL_PREFERENCE:
+        for n in evals:
+            if token in n.split("/")[-1].lower():
+                return n, "an evaluation, the same measurement at every point"
+    if evals:
+        return evals[0], "an evaluation, the same measurement at every point"
+    touches = lambda prefixes: any(v == p or v.startswith(p + ".") for v in varied for p in prefixes)  # noqa: E731
+    if "global_loss" in names and not touches(_CHANGES_ANY_LOSS + _CHANGES_GLOBAL_TERM):
+        return "global_loss", "the global contrastive term, whose scale no varied parameter changes"
+    if not touches(_CHANGES_ANY_LOSS) and not any(v.startswith("loss.") for v in varied):
+        return "final_loss", "the training loss; the sweep changes nothing in the loss"
+    return None, (
+        "no logged metric is comparable across these points (the varied parameters change the loss's scale): "
+        "add an evaluation to the recipe (eval:) or name one with --metric"
+    )
+
+
 @dataclass
 class Report:
     markdown: str
     names: list[str]
     rows: list[dict[str, Any]]
-    metric: str
+    metric: str | None
     mode: str
     best: dict[str, Any] | None
     files: dict[str, str]
     problems: list[str] = field(default_factory=list)
+    why: str = ""
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -926,22 +966,23 @@ def write_report(
 ) -> Report:
     """Write ``results.md``, ``results.csv`` (one row per grid point, ``M_mean``/``M_std`` per metric),
     ``runs.csv`` (one row per finished run) and ``results.png`` into the sweep folder; name the best point by
-    ``metric`` (default ``final_loss``) and ``mode`` (default :func:`default_mode`)."""
+    ``metric`` (default :func:`default_metric`: one comparable across the points) and ``mode`` (default
+    :func:`default_mode`)."""
     runs = collect_runs(sweep)
     names, rows = summarize(sweep, runs)
     problems: list[str] = []
-    chosen = "final_loss"
+    chosen, why = default_metric(names, [p.path for p in sweep.params])
     if metric:
-        resolved, why = _resolve_metric(metric, names)
+        resolved, reason = _resolve_metric(metric, names)
         if resolved is None:
-            problems.append(why)
+            problems.append(reason)
         else:
-            chosen = resolved
+            chosen, why = resolved, "chosen with --metric"
     if mode not in (None, "min", "max"):
         problems.append(f"--mode {mode}: expected min or max")
         mode = None
-    mode = mode or default_mode(chosen)
-    candidates = [r for r in rows if r[chosen][0] is not None]
+    mode = mode or (default_mode(chosen) if chosen else "min")
+    candidates = [r for r in rows if chosen and r[chosen][0] is not None]
     best = None
     if candidates and not problems:
         pick = min if mode == "min" else max
@@ -1005,9 +1046,11 @@ def write_report(
         cells += [_cell(row[n]) for n in names]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    if best is not None:
+    if chosen is None:
+        lines.append(f"Best: not named; {why}")
+    elif best is not None:
         where = " ".join(f"{k}={best['labels'][k]}" for k in keys)
-        lines.append(f"Best by {chosen} ({mode}): **{where}** ({chosen} {_cell(best[chosen])})")
+        lines.append(f"Best by {chosen} ({mode}; {why}): **{where}** ({chosen} {_cell(best[chosen])})")
     else:
         lines.append(f"Best by {chosen} ({mode}): no finished run yet")
     missing = [r for r in rows if r["runs"] < r["seeds"]]
@@ -1020,12 +1063,12 @@ def write_report(
         lines += [f"- failed: `{d}`: {why}" for d, why in failed.items()]
     if plot and runs:
         png = os.path.join(sweep.out_dir, "results.png")
-        if plot_results(sweep, names, rows, png):
+        if plot_results(sweep, names, rows, png, best=best, metric=chosen):
             files["plot"] = png
             lines += ["", "![metrics against each varied parameter](results.png)"]
     markdown = "\n".join(lines) + "\n"
     _write(files["markdown"], markdown)
-    return Report(markdown, names, rows, chosen, mode, best, files, problems)
+    return Report(markdown, names, rows, chosen, mode, best, files, problems, why)
 
 
 def _write(path: str, text: str) -> None:
@@ -1035,10 +1078,18 @@ def _write(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def plot_results(sweep: Sweep, names: list[str], rows: list[dict[str, Any]], path: str) -> bool:
+def plot_results(
+    sweep: Sweep,
+    names: list[str],
+    rows: list[dict[str, Any]],
+    path: str,
+    best: dict[str, Any] | None = None,
+    metric: str | None = None,
+) -> bool:
     """One subplot per metric and varied parameter: the metric's mean against the parameter's values (numeric
     axis for numbers, categorical otherwise), error bars = std over seeds, one line per combination of the other
-    varied parameters. Drawn with matplotlib's Agg canvas (no pyplot, no display). False without matplotlib."""
+    varied parameters. The ``best`` row is ringed in every panel, and the panel of the ``metric`` it was chosen by
+    is titled so. Drawn with matplotlib's Agg canvas (no pyplot, no display). False without matplotlib."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -1075,6 +1126,11 @@ def plot_results(sweep: Sweep, names: list[str], rows: list[dict[str, Any]], pat
             ax.errorbar(
                 [p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", capsize=3, label=label
             )
+        if best is not None and best[name][0] is not None:
+            ax.plot(
+                [xs_of[best["labels"][param.key]]], [best[name][0]], marker="o", markersize=13, markerfacecolor="none",
+                markeredgecolor="crimson", markeredgewidth=2, linestyle="none", label="best" if name == metric else None,
+            )
         if numeric:
             ax.set_xticks([float(v) for v in param.values])
         else:
@@ -1085,9 +1141,9 @@ def plot_results(sweep: Sweep, names: list[str], rows: list[dict[str, Any]], pat
             ax.ticklabel_format(axis="y", useOffset=False)
         except AttributeError:  # a non-scalar formatter
             pass
-        ax.set_title(name, fontsize=10)
+        ax.set_title(f"{name} (ranks the points)" if name == metric else name, fontsize=10)
         ax.grid(True, alpha=0.3)
-        if others and len(groups) > 1 and name == names[0]:
+        if (others and len(groups) > 1 and name == names[0]) or (best is not None and name == metric):
             ax.legend(fontsize=7)
     height = 3.2 * nrows
     fig.suptitle(f"{', '.join(p.path for p in params)}: mean ± std over {len(sweep.seeds)} seed(s)", fontsize=11)

@@ -325,10 +325,15 @@ def test_report_numbers_equal_the_runs_metrics(done_sweep):
         assert float(run["final_loss"]) == last[run["run_dir"]]["loss"]
         assert float(run["i2t_acc"]) == last[run["run_dir"]]["i2t_acc"]
 
-    # the best point: lowest mean final loss by default; an accuracy-like metric is maximised
+    # the best point: by default an evaluation (the sweep varies a loss setting, so final_loss is not comparable),
+    # R@1 first and maximised; a loss named with --metric is minimised
+    r1 = [statistics.fmean(last[p.run_dir]["eval/val/i2t_R@1"] for p in sweep.points if p.combo == c)
+          for c in sweep.combos]
+    assert report.metric == "eval/val/i2t_R@1" and report.mode == "max" and "evaluation" in report.why
+    assert report.best["labels"]["sparsity_threshold"] == ["0", "0.0625"][r1.index(max(r1))]
     means = [statistics.fmean(last[p.run_dir]["loss"] for p in sweep.points if p.combo == c) for c in sweep.combos]
-    assert report.metric == "final_loss" and report.mode == "min"
-    assert report.best["labels"]["sparsity_threshold"] == ["0", "0.0625"][means.index(min(means))]
+    by_loss = write_report(sweep, metric="final_loss", plot=False)
+    assert by_loss.mode == "min" and by_loss.best["labels"]["sparsity_threshold"] == ["0", "0.0625"][means.index(min(means))]
     by_r1 = write_report(sweep, metric="retrieval/i2t_R@1", plot=False)  # the end of eval/retrieval/i2t_R@1
     assert by_r1.metric == "eval/retrieval/i2t_R@1" and by_r1.mode == "max"
     assert by_r1.best["labels"]["sparsity_threshold"] == "0.0625"
@@ -351,7 +356,7 @@ def test_report_files_are_written(done_sweep):
     assert lines[0].startswith("| sparsity_threshold | runs | final_loss |")
     assert len(lines) == 1 + 2  # header + one row per grid point
     assert " ± " in lines[1] and "2/2" in lines[1]
-    assert "Best by final_loss (min): **sparsity_threshold=" in md
+    assert "Best by eval/val/i2t_R@1 (max; an evaluation, the same measurement at every point): **sparsity_threshold=" in md
     assert "P = 16 patches" in md
 
     png = os.path.join(sweep.out_dir, "results.png")
@@ -468,7 +473,7 @@ def test_command_on_a_finished_sweep_prints_the_report(done_sweep):
     assert result.exit_code == 0, result.output
     assert "4 of 4 runs already finished; 0 to train" in result.stdout
     assert "| sparsity_threshold | runs | final_loss |" in result.stdout
-    assert "Best by fine_loss (min): **sparsity_threshold=" in result.stdout
+    assert "Best by fine_loss (min; chosen with --metric): **sparsity_threshold=" in result.stdout
     assert "results.png" in result.stdout
 
 
@@ -483,3 +488,42 @@ def test_jobs_run_points_as_parallel_train_processes(tmp_path):
         assert sparc_kit.load_recipe(os.path.join(point.run_dir, "recipe.yaml")).loss.weighting == point.labels[
             "weighting"
         ]
+
+
+
+@pytest.mark.parametrize("names, varied, expected", [
+    # an evaluation always wins, top-1 / R@1 first
+    (["final_loss", "global_loss", "eval/val/t2i_R@5", "eval/zs/top1"], ["loss.lambda_f"], "eval/zs/top1"),
+    (["final_loss", "eval/val/t2i_R@5"], ["loss.lambda_f"], "eval/val/t2i_R@5"),
+    # lambda_f scales the total: the global term alone is compared
+    (["final_loss", "global_loss", "fine_loss"], ["loss.lambda_f"], "global_loss"),
+    (["final_loss", "global_loss"], ["loss.sparsity_threshold", "optim.lr"], "global_loss"),
+    # nothing in the loss varies: the training loss itself is comparable
+    (["final_loss"], ["optim.lr"], "final_loss"),
+    # the global term itself, or the batch (log B), changes: nothing logged is comparable
+    (["final_loss", "global_loss"], ["loss.global_loss"], None),
+    (["final_loss", "global_loss"], ["train.batch_size"], None),
+    (["final_loss"], ["loss.lambda_f"], None),
+])
+def test_the_default_ranking_metric_is_comparable_across_points(names, varied, expected):
+    from sparc_kit.ablate import default_metric
+
+    metric, why = default_metric(names, varied)
+    assert metric == expected
+    if expected is None:
+        assert "--metric" in why and "eval" in why
+
+
+def test_a_lambda_f_sweep_is_ranked_by_the_global_term_not_the_total(tmp_path):
+    """final_loss = 0.5 * global + lambda_f * fine grows with lambda_f: ranking by it favours the smallest
+    lambda_f whatever was learned. The report ranks by global_loss, says so, and the plot rings that point."""
+    sweep = plan_sweep("sparc_tiny", ["lambda_f=1,10"], seeds=1, overrides=MICRO, out_dir=str(tmp_path / "sw"))
+    run_sweep(sweep, train_fn=Counter(), log=None)
+    last = {p.values["lambda_f"]: read_metrics(p.run_dir)[-1] for p in sweep.points}
+    report = write_report(sweep)
+    assert report.metric == "global_loss" and report.mode == "min"
+    expected = min(last, key=lambda v: last[v]["global_loss"])
+    assert float(report.best["values"]["lambda_f"]) == expected
+    assert "global contrastive term" in report.markdown
+    with open(report.files["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
