@@ -67,8 +67,9 @@ def _logged(run: Path) -> int:
 
 
 def _assert_like_reference(run: Path, reference: Path) -> None:
-    """Byte-identical final weights; steps 1..STEPS logged once each, as valid JSON, with the same losses."""
-    assert harness.weights_digest(harness.final_model_file(run)) == harness.weights_digest(harness.final_model_file(reference))
+    """Bit-identical final weights; steps 1..STEPS logged once each, as valid JSON, with the same losses."""
+    digest = harness.weights_digest
+    assert digest(harness.final_model_file(run)) == digest(harness.final_model_file(reference))
     rows, expected = harness.strict_metrics(run), harness.strict_metrics(reference)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in rows] == [r["loss"] for r in expected]
@@ -100,22 +101,34 @@ def test_sigkill_inside_writes_and_steps_resumes_bit_identical(work, cli_referen
 
 
 def test_a_second_trainer_is_refused_while_the_first_finishes_undisturbed(work, cli_reference):
+    """The second starts once the first has logged a step. Should the first come near its end before the second
+    is through (a loaded machine makes starting slow), the first is paused there (SIGSTOP) until the second has
+    been refused, then continued: the refusal always comes while the first is mid-run."""
     out = work / "busy"
     first = subprocess.Popen(harness.train_command(out, STEPS), env=harness.child_env(write_delay=0.1),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         _wait_until(lambda: _logged(out) >= 1, first)
-        second = subprocess.run(harness.train_command(out, STEPS), env=harness.child_env(), capture_output=True,
-                                text=True, timeout=120)
+        second = subprocess.Popen(harness.train_command(out, STEPS), env=harness.child_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        paused = False
+        while second.poll() is None:
+            if not paused and _logged(out) >= STEPS - 2:
+                os.kill(first.pid, signal.SIGSTOP)
+                paused = True
+            time.sleep(0.01)
+        second_out, second_err = second.communicate()
         first_still_training = first.poll() is None and _logged(out) < STEPS
+        if paused:
+            os.kill(first.pid, signal.SIGCONT)
         _, first_err = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert first_still_training  # the second start really overlapped the first
     assert second.returncode == 1
-    assert second.stdout == ""
-    assert second.stderr.splitlines() == [
+    assert second_out == ""
+    assert second_err.splitlines() == [
         f"error: run folder {out} is in use by another training process (pid {first.pid}); wait for it, or use "
         "another --out"
     ]
@@ -223,7 +236,8 @@ def _assert_finished_like(out: str, reference: str) -> None:
 
 def test_a_leftover_temporary_checkpoint_folder_is_ignored_and_removed(uninterrupted, crashed, tmp_path):
     """Killed inside the save of step 8: its temporary folder holds every file, state.json included, but was never
-    renamed into place, so it is not a checkpoint; the resume starts from step 4 and the next save removes it."""
+    renamed into place, so it is not a checkpoint; the resume starts from step 4 and the next save removes it, and
+    the temporary file of a ``latest`` pointer that was never renamed."""
     ref_dir, _ = uninterrupted
     out = _copy(crashed, 6, tmp_path)
     root = os.path.join(out, "checkpoints")
@@ -232,6 +246,8 @@ def test_a_leftover_temporary_checkpoint_folder_is_ignored_and_removed(uninterru
     state = json.load(open(os.path.join(partial, "state.json")))
     json.dump({**state, "step": 8, "samples_seen": 64}, open(os.path.join(partial, "state.json"), "w"))
     os.makedirs(os.path.join(root, ".tmp-step_00000008-k2x9"))  # save_checkpoint's mkdtemp names
+    with open(os.path.join(root, ".tmp-w7ur1d"), "w") as f:  # a new `latest` killed before its rename
+        f.write("step_00000008\n")
     resumed = train(micro_recipe("train.steps=12"), out, progress=False)
     assert resumed.resumed_from == 4
     _assert_finished_like(out, ref_dir)

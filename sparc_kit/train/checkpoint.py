@@ -252,8 +252,8 @@ def _prune(root: str, keep: int, newest: int) -> None:
     """Keep the newest ``keep`` complete checkpoints up to ``newest`` (the one just published) and remove every
     other step folder: older ones, incomplete ones, and any past ``newest``, which a run that resumed from an
     earlier checkpoint (a fallback, or a pointer never moved to a folder renamed into place) has left behind and
-    retrains. Then remove temporary folders a killed save left (called once the new checkpoint is in place, when
-    no save is under way)."""
+    retrains. Then remove the temporary folders and pointer files a killed save left (called once the new
+    checkpoint is in place, when no save is under way)."""
     steps = _step_folders(root)
     complete = [d for step, d in steps if step <= newest and not _missing(os.path.join(root, d))]
     kept = set(complete[-keep:])
@@ -261,8 +261,11 @@ def _prune(root: str, keep: int, newest: int) -> None:
         if d not in kept:
             _remove(os.path.join(root, d))
     for d in os.listdir(root):
-        if d.startswith(".tmp-step_") and os.path.isdir(os.path.join(root, d)):
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        path = os.path.join(root, d)
+        if d.startswith(".tmp-step_") and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif d.startswith(".tmp-") and os.path.isfile(path):  # a `latest` whose writer was killed before its rename
+            os.remove(path)
 
 
 def resume_checkpoint(root: str) -> tuple[str | None, str | None]:

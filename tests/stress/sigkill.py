@@ -20,8 +20,10 @@ What it does:
 Where a kill landed is read from what it left behind, before the next start repairs it: a temporary
 ``.tmp-step_*`` folder that was not there before, a ``latest`` pointer behind the newest step folder or more step
 folders than ``keep_checkpoints`` (``checkpoint write``); a last metrics line without its newline (``metrics
-write``); neither, but no step logged since the start (``startup``: imports, resume, repair); otherwise
-``step`` (forward, backward, update, logging). Exit status 0 when everything held, 1 otherwise.
+write``); neither, but no step logged since the start (``startup``: loading the checkpoint, repairing
+metrics.jsonl); otherwise ``step`` (forward, backward, update, logging). Most kills come once the start has
+logged a new step, after a random delay up to ``--max-delay``; every fifth (``startup``) comes at a random moment
+up to 0.5 s after the start took the run folder's lock. Exit status 0 when everything held, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ class Snapshot:
     pointer: int | None  # the step ``latest`` names
     partial: bytes | None  # the unfinished last metrics line
     logged: int  # the newest step with a complete metrics line
+    inode: int | None  # of metrics.jsonl: every start that resumes rewrites it (dropping rows past the checkpoint)
 
     @classmethod
     def of(cls, run: Path) -> "Snapshot":
@@ -126,14 +129,18 @@ class Snapshot:
                 name = (root / "latest").read_text().strip()
                 pointer = int(name[5:]) if name.startswith("step_") else None
         steps.sort()
-        data = (run / "metrics.jsonl").read_bytes() if (run / "metrics.jsonl").exists() else b""
+        try:
+            with open(run / "metrics.jsonl", "rb") as f:
+                data, inode = f.read(), os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            data, inode = b"", None
         lines = data.split(b"\n")
         partial = lines[-1] or None  # text after the last newline
         logged = 0
         for line in lines[:-1]:
             if line.strip():
                 logged = max(logged, int(json.loads(line)["step"]))
-        return cls(tmp, steps, pointer, partial, logged)
+        return cls(tmp, steps, pointer, partial, logged, inode)
 
     @property
     def resume_step(self) -> int:
@@ -143,16 +150,32 @@ class Snapshot:
         return self.steps[-1] if self.steps else 0
 
 
+    def logged_since(self, before: "Snapshot") -> int:
+        """The newest step this start logged itself (0: none yet). Rows a start did not write are the ones left
+        by earlier starts, in a file it has not rewritten yet (a start without a checkpoint and without a metrics
+        file writes a new one)."""
+        if self.inode is None or self.inode == before.inode:
+            return 0
+        return self.logged if self.logged > before.resume_step else 0
+
+
+    @property
+    def stale_pointer(self) -> bool:
+        return bool(self.steps) and self.pointer is not None and self.pointer < self.steps[-1]
+
+    def publish_unfinished(self, before: "Snapshot") -> bool:
+        """A save killed after its rename (``latest`` behind, or not pruned yet), and not the same state as
+        ``before`` (which an earlier kill left)."""
+        changed = (self.steps, self.pointer) != (before.steps, before.pointer)
+        return changed and (self.stale_pointer or len(self.steps) > KEEP)
+
+
 def where_it_landed(before: Snapshot, after: Snapshot) -> str:
-    if after.tmp - before.tmp or len(after.steps) > KEEP or (
-        after.steps and after.pointer is not None and after.pointer < after.steps[-1]
-    ):
+    if after.tmp - before.tmp or after.publish_unfinished(before):
         return "checkpoint write"
-    if after.partial is not None and after.partial != before.partial:
+    if after.partial is not None and (after.partial != before.partial or after.inode != before.inode):
         return "metrics write"
-    if after.logged <= before.resume_step or (after.logged == before.logged and after.partial == before.partial):
-        return "startup"
-    return "step"
+    return "step" if after.logged_since(before) else "startup"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,6 +191,13 @@ def _wait(predicate, proc: subprocess.Popen, timeout: float) -> bool:
             return True
         time.sleep(0.002)
     return False
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def _metrics_tail(run: Path) -> tuple[int, bytes]:
@@ -191,7 +221,10 @@ def wait_for_moment(target: str, run: Path, before: Snapshot, proc: subprocess.P
     ckpt = run / "checkpoints"
 
     def logged_past(n: int):
-        return lambda: _metrics_tail(run)[1] == b"\n" and Snapshot.of(run).logged >= before.resume_step + n
+        def check() -> bool:
+            return _metrics_tail(run)[1] == b"\n" and Snapshot.of(run).logged_since(before) >= before.resume_step + n
+
+        return check
 
     if target == "random":
         if not _wait(logged_past(1), proc, 120):
@@ -267,12 +300,15 @@ def _evidence(before: Snapshot, after: Snapshot) -> str:
     new_tmp = sorted(name for name, _ in after.tmp - before.tmp)
     if new_tmp:
         parts.append("tmp folder " + ",".join(new_tmp))
-    if after.steps and after.pointer is not None and after.pointer < after.steps[-1]:
-        parts.append(f"latest={after.pointer} < step {after.steps[-1]}")
-    if len(after.steps) > KEEP:
-        parts.append(f"{len(after.steps)} step folders")
-    if after.partial is not None and after.partial != before.partial:
+    if after.publish_unfinished(before):
+        if after.stale_pointer:
+            parts.append(f"latest={after.pointer} < step {after.steps[-1]}")
+        if len(after.steps) > KEEP:
+            parts.append(f"{len(after.steps)} step folders")
+    if after.partial is not None and (after.partial != before.partial or after.inode != before.inode):
         parts.append(f"partial line of {len(after.partial)} bytes")
+    if after.inode != before.inode and not after.logged_since(before):
+        parts.append("metrics.jsonl repaired, no step yet")
     parts.append(f"logged to {after.logged}")
     return "; ".join(parts)
 
@@ -296,7 +332,7 @@ def run_harness(
     targets: list[str] | None = None,
     max_delay: float = 0.4,
     write_delay: float = 0.03,
-    startup_share: float = 0.1,
+    startup_every: int = 5,
     log=None,
 ) -> Report:
     """Kill ``kills`` starts of one run and finish it; ``targets`` (cycled) aims each kill at a place instead of
@@ -312,14 +348,16 @@ def run_harness(
         before = Snapshot.of(run)
         report.starts += 1
         report.resumes += before.resume_step > 0
-        target = targets[len(report.kills) % len(targets)] if targets else (
-            "startup" if rng.random() < startup_share else "random"
+        number = len(report.kills) + 1
+        target = targets[(number - 1) % len(targets)] if targets else (
+            "startup" if number % startup_every == 0 else "random"
         )
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        if target == "startup":
-            time.sleep(rng.uniform(0.2, 2.0))
-            alive = proc.poll() is None
+        if target == "startup":  # once it holds the run folder's lock: inside the resume and the repairs
+            alive = _wait(lambda: _read(run / ".lock") == str(proc.pid), proc, 120)
+            time.sleep(rng.uniform(0, 0.5))
+            alive = alive and proc.poll() is None
         else:
             alive = wait_for_moment(target, run, before, proc, rng, max_delay)
         if alive:
