@@ -13,9 +13,9 @@ What it does:
    write (after each file, between the rename and the ``latest`` pointer, before the pruning) and inside every
    metrics row (half the line written and flushed, then the rest), so a good share of the kills land inside a
    write; the pause changes no number;
-3. asserts that the final checkpoint's ``model.safetensors`` holds bit-identical tensors to the reference's, that every
-   line of ``metrics.jsonl`` is valid JSON, that it holds steps 1..N exactly once each with the reference's
-   losses, and that no temporary checkpoint folder is left.
+3. asserts that the final checkpoint's ``model.safetensors`` holds tensors bit-identical to the reference's,
+   that every line of ``metrics.jsonl`` is valid JSON, that it holds steps 1..N exactly once each with the
+   reference's losses, and that no temporary checkpoint folder is left.
 
 Where a kill landed is read from what it left behind, before the next start repairs it: a temporary
 ``.tmp-step_*`` folder that was not there before, a ``latest`` pointer behind the newest step folder or more step
