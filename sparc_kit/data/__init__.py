@@ -6,7 +6,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from sparc_kit.data.loader import Collate, ResumableBatchSampler, make_loader
+from sparc_kit.data.loader import Collate, Loader, ResumableBatchSampler, make_loader
 from sparc_kit.data.manifest import ManifestDataset, ManifestError  # registers "manifest"
 from sparc_kit.data.synthetic import SyntheticShapes  # registers "synthetic"
 from sparc_kit.data.tokenizer import Tokenizer
@@ -85,7 +85,7 @@ def make_train_loader(
         if not hasattr(dataset, "set_state"):
             raise TypeError(f"{type(dataset).__name__} is iterable but cannot resume (no set_state)")
         dataset.set_state(start=samples_seen // world_size, rank=rank, world_size=world_size, batch_size=batch_size)
-        return DataLoader(
+        return Loader(
             dataset,
             batch_size=batch_size,
             collate_fn=collate,

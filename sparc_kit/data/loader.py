@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 import torch
@@ -10,7 +11,9 @@ from torch.utils.data import DataLoader, Sampler
 
 from sparc_kit.data.tokenizer import Tokenizer
 
-__all__ = ["ResumableBatchSampler", "epoch_seed", "Collate", "make_loader", "IMAGE_MEAN", "IMAGE_STD"]
+__all__ = [
+    "ResumableBatchSampler", "epoch_seed", "Collate", "make_loader", "Loader", "worker_error", "IMAGE_MEAN", "IMAGE_STD"
+]
 
 IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
 IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -121,8 +124,45 @@ class Collate:
         }
 
 
+_WORKER_LINE = re.compile(r"^(?:[\w.]+\.)?\w+: (.+)$")  # "sparc_kit.data.webdataset.ShardError: message"
+
+
+def worker_error(exc: Exception) -> Exception:
+    """The error a data-loader worker raised, as its own one line. DataLoader re-raises it in the main process as
+    ``Caught ShardError in DataLoader worker process 0.`` followed by the worker's traceback, so a one-line report
+    (``sparc train``'s) would say nothing; the original message is the traceback's last line."""
+    text = str(exc)
+    if not (text.startswith("Caught ") and "\nOriginal Traceback" in text):
+        return exc
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), "")
+    match = _WORKER_LINE.match(last)
+    message = match.group(1) if match else last
+    try:
+        return type(exc)(message)
+    except Exception:  # an error type that cannot be built from a message
+        return RuntimeError(message)
+
+
+class Loader(DataLoader):
+    """A DataLoader whose workers' errors reach the caller as themselves (:func:`worker_error`)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except Exception as exc:
+                error = worker_error(exc)
+                if error is exc:
+                    raise
+                raise error from None
+            yield batch
+
+
 def make_loader(dataset, collate: Collate, batch_sampler: ResumableBatchSampler, num_workers: int = 0) -> DataLoader:
-    return DataLoader(
+    return Loader(
         dataset,
         batch_sampler=batch_sampler,
         collate_fn=collate,

@@ -40,7 +40,8 @@ non-string caption, a shard that cannot be read) takes its place in the stream a
 the collate function drops and counts it. The stream's positions then do not depend on which samples decode,
 so resuming is exact without decoding what is skipped; a batch holds ``batch_size`` minus its bad samples.
 ``bad_samples="drop"``: bad samples are dropped inside the worker and counted in the next good sample's
-``"skipped_before"``; batches are full, but resuming must decode everything it skips.
+``"skipped_before"``; batches are full, but resuming must decode everything it skips. In either mode a whole
+epoch of a reader without one readable sample is a :class:`ShardError` (the stream would never give one).
 """
 
 from __future__ import annotations
@@ -366,13 +367,16 @@ class WebDataset(IterableDataset):
             rng = random.Random(stable_seed("shuffle", self.seed, slots, slot, epoch))
             raw = _shuffle(self._raw_epoch(epoch, slot, slots), self.shuffle_buffer, rng)
             produced = good = 0
+            judged = skip == 0  # mark mode decodes (and so can judge) only the epochs it does not skip into
             for position, (url, key, files) in enumerate(raw):
                 produced += 1
                 if self.bad_samples == "mark":
                     if skip > 0:
                         skip -= 1
                         continue
-                    yield self.decode(url, key, files, epoch, aug_key=(slots, slot, epoch, position))
+                    sample = self.decode(url, key, files, epoch, aug_key=(slots, slot, epoch, position))
+                    good += "skip" not in sample
+                    yield sample
                     continue
                 sample = self.decode(url, key, files, epoch, aug_key=(slots, slot, epoch, position))
                 if "skip" in sample:
@@ -390,7 +394,7 @@ class WebDataset(IterableDataset):
                 yield sample
             if produced == 0:
                 raise ShardError(self._empty_message(slot, slots))
-            if self.bad_samples == "drop" and good == 0:
+            if good == 0 and (self.bad_samples == "drop" or judged):  # else an endless stream of bad samples
                 raise ShardError(
                     f"no readable sample in a whole epoch of reader {slot} of {slots} ({len(self.urls)} shards "
                     f"from {self.pattern}); check them with `sparc data verify`"
