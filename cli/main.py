@@ -108,11 +108,49 @@ def _write_traceback(exc: BaseException, out_dir: str) -> str:
 
 @contextlib.contextmanager
 def _one_line_warnings():
-    """Warnings raised during a run as one ``warning: ...`` line each on stderr (Python's own format takes two,
-    the second a line of source)."""
+    """Warnings raised during a command (a run's, torch's, DeepSpeed's, a plugin's) as one ``warning: ...`` line
+    each on stderr (Python's own format takes two, the second a line of source)."""
     with warnings.catch_warnings():
-        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(_warning_line(message), err=True)
         yield
+
+
+def _warning_line(message: Warning | str) -> str:
+    """``warning: MESSAGE`` on one line, whatever line breaks the message holds."""
+    return "warning: " + " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    plugin: Optional[List[str]] = typer.Option(
+        None,
+        "--plugin",
+        metavar="FILE.py|MODULE",
+        help="Import a module that registers components of your own before the command runs: a .py file, or a "
+        "module importable from the current folder (repeatable). Passed on to the processes a command starts "
+        "through SPARC_PLUGINS, which names plugins too (comma-separated).",
+    ),
+) -> None:
+    # every command: Python warnings as one line each; then the plugins, so recipes can name their components
+    ctx.with_resource(_one_line_warnings())
+    _load_plugins(plugin or [])
+
+
+def _load_plugins(specs: list[str]) -> None:
+    """``--plugin`` modules, then those SPARC_PLUGINS names and the ``sparc_kit.plugins`` entry points of the
+    installed packages. A plugin that fails to import is one line naming it and the exception (exit 2)."""
+    from importlib.metadata import entry_points
+
+    if not specs and not os.environ.get("SPARC_PLUGINS", "").strip() and not entry_points(group="sparc_kit.plugins"):
+        return  # nothing to load: no need to import the library (and torch) for `sparc train --help`
+    from sparc_kit.plugins import PluginError, ensure_plugins, load_plugins
+
+    try:
+        load_plugins(specs, export=True)
+        ensure_plugins()
+    except PluginError as exc:
+        _fail(str(exc))
 
 
 def _launch(recipe: str, set_: list[str], out_dir: str, quiet: bool, nproc: int, cfg) -> None:
@@ -185,8 +223,7 @@ def train(
 
     rank, world = _rank_and_world()
     try:
-        with _one_line_warnings():
-            result = run_train(cfg, out_dir, progress=not quiet)
+        result = run_train(cfg, out_dir, progress=not quiet)
     except (
         ResumeMismatchError, RunFolderBusyError, NonFiniteLossError, NonFiniteGradientError, TooManyBadSamplesError
     ) as exc:
@@ -194,6 +231,10 @@ def train(
     except TrainingInterrupted as exc:
         if rank == 0:
             typer.echo(f"\n{exc}", err=True)
+        raise typer.Exit(130)
+    except KeyboardInterrupt:  # before the first step (data, tokenizer, model, engine): there is no step to save
+        if rank == 0:
+            typer.echo(f"\ninterrupted before the first step; nothing new was saved in {out_dir}", err=True)
         raise typer.Exit(130)
     except (EngineSetupError, ValueError) as exc:  # a component or engine that rejected the recipe at build time
         _fail_run(exc, 2)

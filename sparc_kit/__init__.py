@@ -3,12 +3,20 @@
     import sparc_kit
     recipe = sparc_kit.load_recipe("recipes/sparc_tiny.yaml", overrides=["train.steps=50"])
     model = sparc_kit.build_model(recipe)
+    loss_fn = sparc_kit.build_loss(recipe)      # called as loss_fn(**model(images, token_ids))
+    dataset = sparc_kit.build_dataset(recipe)
+
+A component of your own registers itself where it is defined (``@sparc_kit.registry.losses.register("my_loss")``);
+:func:`load_plugin` imports such a module by file or module name, as ``sparc --plugin`` does.
 """
 
 from sparc_kit import registry
 from sparc_kit import data, engines, evaluate, losses, models  # noqa: F401  (import registers the built-in components)
 from sparc_kit.config import RecipeError, builtin_recipes, dump_recipe, load_recipe, recipe_schema
+from sparc_kit.data import build_dataset
+from sparc_kit.losses import build_loss
 from sparc_kit.models import build_model
+from sparc_kit.plugins import PluginError, load_plugin
 from sparc_kit.pretrained import load_pretrained
 
 __version__ = "0.1.0"
@@ -19,12 +27,17 @@ __all__ = [
     "models",
     "data",
     "engines",
+    "evaluate",
     "load_recipe",
     "recipe_schema",
     "dump_recipe",
     "builtin_recipes",
     "RecipeError",
     "build_model",
+    "build_loss",
+    "build_dataset",
     "load_pretrained",
+    "load_plugin",
+    "PluginError",
     "__version__",
 ]

@@ -125,12 +125,19 @@ def _registry_versions() -> tuple[int, ...]:
 
 
 def _ensure_components() -> None:
-    """Import the built-in component modules so they register themselves."""
+    """Import the built-in component modules so they register themselves, then the plugins (the
+    ``sparc_kit.plugins`` entry points and ``SPARC_PLUGINS``; :mod:`sparc_kit.plugins`)."""
     import sparc_kit.data  # noqa: F401
     import sparc_kit.engines  # noqa: F401
     import sparc_kit.losses  # noqa: F401
     import sparc_kit.models  # noqa: F401
     import sparc_kit.evaluate  # noqa: F401
+    from sparc_kit.plugins import PluginError, ensure_plugins
+
+    try:
+        ensure_plugins()
+    except PluginError as exc:
+        raise RecipeError([str(exc)]) from None
 
 
 @lru_cache(maxsize=4)
@@ -546,6 +553,13 @@ def _resolve_model(annotation: Any, node: Any) -> type[BaseModel] | None:
     return None
 
 
+def _own(kind: str, did_you_mean: str) -> str:
+    """For a component name that is not a typo of a known one: how a user's own component gets registered."""
+    if did_you_mean:
+        return ""
+    return f". Your own {kind}? Load the module that registers it: sparc --plugin FILE.py or MODULE (in Python: import it)"
+
+
 def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseModel]) -> list[str]:
     lines: list[str] = []
     for err in exc.errors():
@@ -568,7 +582,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
             given = err.get("ctx", {}).get("tag")
             hint = difflib.get_close_matches(str(given), known_list, n=1)
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
-            lines.append(f"{path}.name: unknown {kind} {given!r}.{dym} Known: {', '.join(known_list)}")
+            lines.append(f"{path}.name: unknown {kind} {given!r}.{dym} Known: {', '.join(known_list)}{_own(kind, dym)}")
         elif etype == "union_tag_not_found":
             kind = COMPONENT_SECTIONS.get(path)
             known = ", ".join(reg.get_registry(kind).names()) if kind else "see `sparc components`"
@@ -580,7 +594,7 @@ def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseM
             kind = COMPONENT_SECTIONS.get(".".join(parts[:-1]), "component")
             hint = difflib.get_close_matches(str(value), known_list, n=1)
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
-            lines.append(f"{path}: unknown {kind} {value!r}.{dym} Known: {', '.join(known_list)}")
+            lines.append(f"{path}: unknown {kind} {value!r}.{dym} Known: {', '.join(known_list)}{_own(kind, dym)}")
         else:
             shown = repr(value) if found else repr(err.get("input"))
             msg = err["msg"]

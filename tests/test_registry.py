@@ -371,4 +371,7 @@ def test_removed_loss_is_gone_from_recipes(register_loss):
     assert "focal_test" not in losses
     with pytest.raises(RecipeError) as info:
         load_recipe("sparc_tiny", ["loss.name=focal_test"])
-    assert info.value.problems == ["loss.name: unknown loss 'focal_test'. Known: clip, filip, gloria, mgca, pacl, siglip, sparc"]
+    assert info.value.problems == [
+        "loss.name: unknown loss 'focal_test'. Known: clip, filip, gloria, mgca, pacl, siglip, sparc. Your own loss? "
+        "Load the module that registers it: sparc --plugin FILE.py or MODULE (in Python: import it)"
+    ]

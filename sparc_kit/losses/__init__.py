@@ -24,6 +24,7 @@ from sparc_kit.losses.pacl import PaclLoss
 from sparc_kit.losses.sparc import SparcLoss
 
 __all__ = [
+    "build_loss",
     "clip_loss",
     "contrastive_accuracy",
     "masked_pairwise_contrastive_loss",
@@ -39,3 +40,17 @@ __all__ = [
     "MgcaLoss",
     "GlobalPlusFineLoss",
 ]
+
+
+def build_loss(recipe):
+    """Build the loss a recipe describes (a recipe object, or anything :func:`sparc_kit.load_recipe` accepts); a
+    loss that sizes parameters by the embedding width (``embed_dim`` among its filled-in arguments) is told
+    ``model.embed_dim``."""
+    from sparc_kit.config import load_recipe
+    from sparc_kit.registry import losses
+
+    if not hasattr(recipe, "loss"):
+        recipe = load_recipe(recipe)
+    entry = losses.get(recipe.loss.name)
+    extra = {"embed_dim": recipe.model.embed_dim} if "embed_dim" in entry.internal else {}
+    return entry.build(recipe.loss, **extra)

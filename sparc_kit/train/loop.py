@@ -37,10 +37,11 @@ from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
+from sparc_kit.losses import build_loss
 from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
-from sparc_kit.registry import engines, losses
+from sparc_kit.registry import engines
 from sparc_kit.train.checkpoint import (
     WRITE_DELAY_ENV,
     ResumeWarning,
@@ -135,13 +136,6 @@ class TrainResult:
     final_loss: float | None
     seconds: float
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def build_loss(recipe: Any) -> torch.nn.Module:
-    """The recipe's loss; a loss that sizes parameters by the embedding width is told ``model.embed_dim``."""
-    entry = losses.get(recipe.loss.name)
-    extra = {"embed_dim": recipe.model.embed_dim} if "embed_dim" in entry.internal else {}
-    return entry.build(recipe.loss, **extra)
 
 
 def build_engine(recipe: Any) -> Engine:
