@@ -11,11 +11,12 @@ first opened, and raises an ``ImportError`` there: inside a data-loader worker, 
   ``data.urls: <scheme>:// needs the <package> package (<fsspec's own message>)``, or, for the packages with an
   extra, ``pip install "sparc-kit[s3]"`` / ``[gcs]``; a scheme fsspec implements itself but whose dependency is
   missing (``http://`` without aiohttp) and an unknown scheme are one line too; local paths always pass.
-- The real ``sparc`` console script with a ``s3fs`` / ``gcsfs`` that cannot be imported (a package of that name
-  on ``PYTHONPATH`` that raises ``ImportError``, as an uninstalled one does): ``sparc train`` on webdataset shards
-  at ``s3://``, on a manifest whose images are at ``s3://``, with ``tokenizer.path`` at ``gs://``, a recipe at
-  ``gs://``, ``sparc data inspect`` and ``sparc data convert``: each exits 2 with exactly the one expected line and
-  no traceback, before the run folder holds anything but its lock.
+- The real ``sparc`` console script with a ``s3fs`` that cannot be imported (a package of that name on
+  ``PYTHONPATH`` that raises ``ImportError``, as an uninstalled one does): ``sparc train`` on webdataset shards at
+  ``s3://`` exits 2 with exactly the one expected line and no traceback, before the run folder holds anything but
+  its lock. In-process (CliRunner, ``s3fs`` and ``gcsfs`` hidden in ``sys.modules``): ``sparc train`` on a
+  manifest whose images are at ``s3://``, with ``tokenizer.path`` at ``gs://``, a recipe at ``gs://``,
+  ``sparc data inspect`` and ``sparc data convert``, each exactly one line and exit 2.
 """
 
 from __future__ import annotations
@@ -119,32 +120,55 @@ def _one_line_exit_2(proc, line: str) -> None:
     assert proc.returncode == 2
 
 
-def test_console_script_without_s3fs_or_gcsfs(hidden, tmp_path, datagen):
-    s3_line = EXTRA_LINE.format(p="s3", pkg="s3fs", extra="s3")
+def test_console_script_without_s3fs(hidden, tmp_path):
+    """The real console script, as a shell runs it: webdataset shards at s3:// without s3fs."""
     proc = _sparc(hidden, tmp_path, "train", "sparc_tiny", "--out", "run", "--quiet",
                   sets=[*TINY, "data.name=webdataset", "data.urls=s3://bucket/train-{000..003}.tar"])
-    _one_line_exit_2(proc, s3_line)
+    _one_line_exit_2(proc, EXTRA_LINE.format(p="s3", pkg="s3fs", extra="s3"))
     assert os.listdir(tmp_path / "run") == [".lock"]  # refused when the dataset is built: nothing written yet
-    # a manifest whose images are on S3
+
+
+@pytest.fixture
+def no_s3fs_nor_gcsfs(monkeypatch):
+    for protocol, package in (("s3", "s3fs"), ("s3a", "s3fs"), ("gs", "gcsfs"), ("gcs", "gcsfs")):
+        _hide(monkeypatch, protocol, package)
+
+
+def test_every_command_without_s3fs_or_gcsfs(no_s3fs_nor_gcsfs, tmp_path, monkeypatch, datagen):
+    """The same through typer's CliRunner (in-process, the packages hidden in sys.modules): a manifest whose
+    images are on S3, a tokenizer and a recipe on Google Storage, `sparc data inspect` and `convert`."""
+    from typer.testing import CliRunner
+
+    from sparc_cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str, sets=()):
+        for item in sets:
+            args += ("--set", item)
+        result = CliRunner().invoke(app, list(args))
+        assert "Traceback" not in result.output and "ImportError" not in result.output, result.output
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        return result.exit_code, result.stderr.splitlines()
+
     (tmp_path / "pairs.jsonl").write_text(
         "".join(json.dumps({"image": f"s3://bucket/img/{i}.png", "caption": f"c {i}"}) + "\n" for i in range(4))
     )
-    proc = _sparc(hidden, tmp_path, "train", "sparc_tiny", "--out", "run2", "--quiet",
-                  sets=[*TINY, "data.name=manifest", "data.path=pairs.jsonl"])
-    _one_line_exit_2(
-        proc, 'data.path (the images pairs.jsonl lists): s3:// needs the s3fs package: pip install "sparc-kit[s3]"'
-    )
-    # the tokenizer and the recipe itself on Google Storage
-    proc = _sparc(hidden, tmp_path, "train", "sparc_tiny", "--out", "run3", "--quiet",
-                  sets=[*TINY, "data.num_samples=16", "tokenizer.path=gs://bucket/tok.model"])
-    _one_line_exit_2(proc, 'tokenizer.path: gs:// needs the gcsfs package: pip install "sparc-kit[gcs]"')
-    proc = _sparc(hidden, tmp_path, "recipes", "validate", "gs://bucket/recipe.yaml")
-    assert proc.stderr.splitlines() == [
+    assert run("train", "sparc_tiny", "--out", "run2", "--quiet",
+               sets=[*TINY, "data.name=manifest", "data.path=pairs.jsonl"]) == (2, [
+        'error: data.path (the images pairs.jsonl lists): s3:// needs the s3fs package: pip install "sparc-kit[s3]"'
+    ])
+    assert run("train", "sparc_tiny", "--out", "run3", "--quiet",
+               sets=[*TINY, "data.num_samples=16", "tokenizer.path=gs://bucket/tok.model"]) == (2, [
+        'error: tokenizer.path: gs:// needs the gcsfs package: pip install "sparc-kit[gcs]"'
+    ])
+    assert run("recipes", "validate", "gs://bucket/recipe.yaml") == (2, [
         'error: gs://bucket/recipe.yaml: recipe: gs:// needs the gcsfs package: pip install "sparc-kit[gcs]"'
-    ] and proc.returncode == 2
-    # the data commands
-    proc = _sparc(hidden, tmp_path, "data", "inspect", "s3://bucket/train-{000..001}.tar")
-    _one_line_exit_2(proc, s3_line)
+    ])
+    assert run("data", "inspect", "s3://bucket/train-{000..001}.tar") == (2, [
+        'error: data.urls: s3:// needs the s3fs package: pip install "sparc-kit[s3]"'
+    ])
     datagen.manifest(tmp_path / "m", n=2)
-    proc = _sparc(hidden, tmp_path, "data", "convert", str(tmp_path / "m" / "pairs.jsonl"), "s3://bucket/o-%03d.tar")
-    _one_line_exit_2(proc, 'OUT_PATTERN: s3:// needs the s3fs package: pip install "sparc-kit[s3]"')
+    assert run("data", "convert", str(tmp_path / "m" / "pairs.jsonl"), "s3://bucket/o-%03d.tar") == (2, [
+        'error: OUT_PATTERN: s3:// needs the s3fs package: pip install "sparc-kit[s3]"'
+    ])

@@ -172,7 +172,10 @@ def planted_run(tmp_path_factory):
     return run, ckpt, marker
 
 
-def _resume(run: Path) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def resumed(planted_run) -> subprocess.CompletedProcess:
+    """``sparc train`` (the console script) asked to continue the planted run to step 4."""
+    run, _, _ = planted_run
     exe = shutil.which("sparc") or pytest.skip("the sparc console script is not installed")
     cmd = [exe, "train", "sparc_tiny", "--out", str(run), "--quiet"]
     for item in [*TINY, "train.steps=4"]:
@@ -180,9 +183,9 @@ def _resume(run: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=run.parent)
 
 
-def test_resume_from_a_planted_trainer_pt_stops_in_one_line_without_running_it(planted_run):
+def test_resume_from_a_planted_trainer_pt_stops_in_one_line_without_running_it(planted_run, resumed):
     run, ckpt, marker = planted_run
-    proc = _resume(run)
+    proc = resumed
     assert proc.returncode != 0, proc.stdout
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.splitlines()
@@ -195,9 +198,9 @@ def test_resume_from_a_planted_trainer_pt_stops_in_one_line_without_running_it(p
     reason="sparc_kit/train/checkpoint.py (read_checkpoint_state) still calls torch.load itself; routed through "
     "sparc_kit.pretrained.load_torch_file the line names trainer.pt and the exit status is 2",
 )
-def test_resume_from_a_planted_trainer_pt_names_the_file(planted_run):
+def test_resume_from_a_planted_trainer_pt_names_the_file(planted_run, resumed):
     run, ckpt, marker = planted_run
-    proc = _resume(run)
+    proc = resumed
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"error: {refusal(str(ckpt / 'trainer.pt'), 'io.open')}"]
     assert not marker.exists()
