@@ -193,11 +193,6 @@ def test_resume_from_a_planted_trainer_pt_stops_in_one_line_without_running_it(p
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sparc_kit/train/checkpoint.py (read_checkpoint_state) still calls torch.load itself; routed through "
-    "sparc_kit.pretrained.load_torch_file the line names trainer.pt and the exit status is 2",
-)
 def test_resume_from_a_planted_trainer_pt_names_the_file(planted_run, resumed):
     run, ckpt, marker = planted_run
     proc = resumed
@@ -210,4 +205,34 @@ def test_load_pretrained_reads_no_pickle(planted_run):
     run, ckpt, marker = planted_run
     pretrained = load_pretrained(str(run))
     assert pretrained.step == 2 and pretrained.checkpoint == str(ckpt / "model.safetensors")
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(300)
+def test_resume_of_a_deepspeed_checkpoint_reads_its_files_weights_only(tmp_path):
+    """DeepSpeed reads its own files with ``torch.load(weights_only=False)``; through the engine they are read
+    weights-only: an untouched checkpoint resumes (DeepSpeed's plain-data classes are allowed), and a planted
+    optimizer-state file is refused in one line naming it, before its pickle runs."""
+    pytest.importorskip("deepspeed")
+    from sparc_kit.train import latest_checkpoint, train
+
+    sets = [*TINY, "engine.name=deepspeed", "engine.zero_stage=2"]
+    clean = tmp_path / "clean"
+    train(sparc_kit.load_recipe("sparc_tiny", sets), str(clean), progress=False)
+    result = train(sparc_kit.load_recipe("sparc_tiny", [*sets, "train.steps=4"]), str(clean), progress=False)
+    assert result.resumed_from == 2 and result.steps == 4
+
+    run = tmp_path / "run"
+    train(sparc_kit.load_recipe("sparc_tiny", sets), str(run), progress=False)
+    ckpt = Path(latest_checkpoint(str(run / "checkpoints")))
+    (target,) = list((ckpt / "deepspeed").rglob("*optim_states.pt"))
+    evil, marker = plant(tmp_path, SYSTEM, name=target.name, wrap=lambda x: {"optimizer_state_dict": x})
+    shutil.copy(evil, target)
+    runner = CliRunner()
+    cmd = ["train", "sparc_tiny", "--out", str(run), "--quiet"]
+    for item in [*sets, "train.steps=4"]:
+        cmd += ["--set", item]
+    out = runner.invoke(app, cmd)
+    assert out.exit_code == 2, out.output
+    assert out.output.splitlines() == [f"error: {refusal(str(target), SYSTEM)}"]
     assert not marker.exists()

@@ -14,6 +14,7 @@ at every checkpoint, so ``load_pretrained`` and ``sparc eval`` read a ZeRO-3 run
 from __future__ import annotations
 
 import contextlib
+import importlib
 import importlib.util
 import json
 import logging
@@ -31,6 +32,46 @@ __all__ = ["DeepSpeedEngine", "deepspeed_config", "check_recipe", "consolidate_z
 
 DS_TAG = "state"  # the tag of DeepSpeed's checkpoint inside a step folder: step_N/deepspeed/state/
 DS_FOLDER = "deepspeed"
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """The plain-data classes DeepSpeed 0.19 pickles into its checkpoints (a loss-scaler record, the ZeRO stage
+    enum, a dataclass of fragment offsets): allowed beside tensors and containers, nothing that runs code."""
+    found = []
+    for module, name in (
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+    ):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: a missing one is refused, with its name
+            pass
+    return found
+
+
+@contextlib.contextmanager
+def _weights_only_loads(ds: Any) -> Iterator[None]:
+    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which runs whatever a pickle
+    names. For the duration of a load, its checkpoint engine reads them weights-only instead (with DeepSpeed's own
+    plain-data classes allowed), so a planted file is refused in one line naming it, before any of it runs."""
+    from sparc_kit.pretrained import load_torch_file
+
+    engine = getattr(ds, "checkpoint_engine", None)
+    if engine is None:  # pragma: no cover  (every DeepSpeed engine has one)
+        yield
+        return
+
+    def load(path: str, map_location: Any = None) -> Any:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return load_torch_file(path)
+
+    engine.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del engine.load
 SCALARS_FILE = "sparc_scalar_params.json"  # the 0-dim parameters the engine gave shape [1] (see _lift_scalars)
 
 #: Generated keys and the recipe field that decides them: a raw ``engine.config`` key under one of these must
@@ -413,9 +454,10 @@ class DeepSpeedEngine(Engine):
                 f"checkpoint {folder} holds no DeepSpeed state (was it written by another engine?); resume it with "
                 "the engine it was trained with"
             )
-        loaded, _ = self.ds.load_checkpoint(
-            path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
-        )
+        with _weights_only_loads(self.ds):
+            loaded, _ = self.ds.load_checkpoint(
+                path, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+            )
         if loaded is None:
             raise EngineSetupError(f"DeepSpeed could not load its checkpoint from {path}")
 

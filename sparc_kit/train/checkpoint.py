@@ -212,7 +212,9 @@ def save_train_checkpoint(
 
 def read_checkpoint_state(path: str) -> dict[str, Any]:
     """A checkpoint's ``state.json`` and ``trainer.pt`` (as ``state["trainer"]``), without touching weights."""
-    trainer_state = torch.load(os.path.join(path, "trainer.pt"), map_location="cpu", weights_only=True)
+    from sparc_kit.pretrained import load_torch_file  # weights only: refuses a pickle that would run code
+
+    trainer_state = load_torch_file(os.path.join(path, "trainer.pt"))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     state["trainer"] = trainer_state
