@@ -273,3 +273,28 @@ def test_data_without_one_readable_sample_stops_even_when_every_skip_is_allowed(
         "with `sparc data verify`"
     ]
     assert result.exit_code == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_manifest_without_one_readable_image_stops_even_when_every_skip_is_allowed(tmp_path, datagen):
+    """The map-style twin of the test above: every image of the manifest is missing and max_skip_fraction is 1,
+    so only the whole-pass rule can stop it (it used to loop in the training loop's batch fetch forever)."""
+    from typer.testing import CliRunner
+
+    from sparc_cli.main import app
+
+    n = 24
+    path = Path(datagen.manifest(tmp_path / "m", n=n, size=16))
+    for i in range(n):
+        (tmp_path / "m" / "img" / f"{i:04d}.png").unlink()
+    args = ["train", "sparc_tiny", "--out", str(tmp_path / "run"), "--quiet"]
+    for item in [*TINY, "data.name=manifest", f"data.path={path}", f"tokenizer.path={_tokenizer(tmp_path, datagen)}",
+                 "train.steps=3", "train.max_skip_fraction=1.0"]:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    passed = -(-n // BATCH) * BATCH  # whole batches until a pass over the n rows is complete
+    assert result.stderr.splitlines() == [
+        f"error: no usable batch in {passed} samples read by step 1, a whole pass over the {n} samples of the data "
+        f"({passed} unreadable so far); check the data with `sparc data verify`"
+    ]
+    assert result.exit_code == 1

@@ -237,6 +237,13 @@ def _diff(a: Any, b: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
     return {} if a == b else {prefix: (a, b)}
 
 
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # a stream of unknown length
+        return None
+
+
 class TooManyBadSamplesError(RuntimeError):
     """More than ``train.max_skip_fraction`` of the samples read were unreadable."""
 
@@ -494,9 +501,14 @@ def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dat
             )
 
 
-def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, max_skip: float):
+def _next_batch(
+    batches, engine: Engine, state: TrainState, global_batch: int, max_skip: float, epoch_size: int | None = None
+):
     """The next usable batch, all processes together. A batch whose every sample on some process was
-    unreadable is counted and passed over by every process (they must step together)."""
+    unreadable is counted and passed over by every process (they must step together). Passing over a whole
+    epoch's worth of samples (``epoch_size``) without one usable batch stops the run, whatever
+    ``train.max_skip_fraction`` allows: the data holds nothing to train on, and the loop would never end."""
+    passed_over = 0
     while True:
         batch = next(batches)
         state.samples_seen += global_batch  # the stream position: every batch taken counts, usable or not
@@ -512,6 +524,13 @@ def _next_batch(batches, engine: Engine, state: TrainState, global_batch: int, m
         _check_skips(state.counts, max_skip, state.step + 1)
         if not empty:
             return batch
+        passed_over += global_batch
+        if epoch_size and passed_over >= epoch_size:
+            raise TooManyBadSamplesError(
+                f"no usable batch in {passed_over} samples read by step {state.step + 1}, a whole pass over the "
+                f"{epoch_size} samples of the data ({state.counts['skipped']} unreadable so far); check the data "
+                "with `sparc data verify`"
+            )
 
 
 def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback) -> TrainResult:
@@ -620,7 +639,9 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                     state.step, total, cfg_optim.warmup_steps, cfg_optim.schedule, cfg_optim.min_lr_ratio
                 )
                 engine.set_lr(lr)
-                batch = _next_batch(batches, engine, state, global_batch, cfg_train.max_skip_fraction)
+                batch = _next_batch(
+                    batches, engine, state, global_batch, cfg_train.max_skip_fraction, _length(dataset)
+                )
                 batch = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items()}
                 in_update = True  # an interrupt from here until the step is counted must not be checkpointed
                 upcoming = state.step + 1
