@@ -557,7 +557,9 @@ def _own(kind: str, did_you_mean: str) -> str:
     """For a component name that is not a typo of a known one: how a user's own component gets registered."""
     if did_you_mean:
         return ""
-    return f". Your own {kind}? Load the module that registers it: sparc --plugin FILE.py or MODULE (in Python: import it)"
+    return (
+        f". Your own {kind}? Load the module that registers it: sparc --plugin FILE.py or MODULE (in Python: import it)"
+    )
 
 
 def _format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseModel]) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import re
 import typing
 import warnings
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class Registry:
             if not issubclass(cfg, BaseModel):
                 raise TypeError(f"config for {self.kind} {name!r} must be a pydantic model")
             doc = inspect.getdoc(builder) or ""
-            summary = doc.split("\n\n")[0].replace("\n", " ")
+            summary = _plain(doc.split("\n\n")[0].replace("\n", " "))
             self._entries[name] = Entry(self.kind, name, builder, cfg, summary, tuple(internal), check)
             self.version += 1
             return builder
@@ -218,6 +219,12 @@ class Registry:
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.names()})"
+
+
+def _plain(text: str) -> str:
+    """A docstring's reStructuredText markup as plain text, for listings: ``x`` and :mod:`a.b` become x and a.b."""
+    text = re.sub(r":[\w.]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`", r"\1", text)
+    return re.sub(r"``([^`]+)``", r"\1", text)
 
 
 def _where(builder: Callable[..., Any]) -> str:

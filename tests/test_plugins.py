@@ -79,7 +79,9 @@ def folder(tmp_path_factory) -> Path:
     """A user's folder: the plugin, a recipe that names its loss, and a plugin that fails to import."""
     root = tmp_path_factory.mktemp("user")
     (root / "offset_loss.py").write_text(OFFSET_LOSS)
-    (root / "offset.yaml").write_text("extends: sparc_tiny\nname: offset_tiny\nloss: {name: offset_clip, offset: 1000}\n")
+    (root / "offset.yaml").write_text(
+        "extends: sparc_tiny\nname: offset_tiny\nloss: {name: offset_clip, offset: 1000}\n"
+    )
     (root / "broken.py").write_text("x = 1\ny = x / 0\n")
     return root
 
@@ -160,7 +162,9 @@ def test_a_plugin_that_fails_to_import_is_one_line(folder):
     proc = sparc("--plugin", "broken.py", "recipes", "list", cwd=folder)
     assert proc.returncode == 2
     assert proc.stdout == ""
-    assert proc.stderr.splitlines() == ["error: plugin broken.py: ZeroDivisionError: division by zero (broken.py, line 2)"]
+    assert proc.stderr.splitlines() == [
+        "error: plugin broken.py: ZeroDivisionError: division by zero (broken.py, line 2)"
+    ]
 
 
 ACCEPTED = "expected a .py file, or a module importable from the current folder or the installed packages"
