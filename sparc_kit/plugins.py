@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import traceback
+from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Iterable
 
@@ -36,7 +37,6 @@ __all__ = [
     "load_plugins",
     "ensure_plugins",
     "env_plugins",
-    "has_plugins",
 ]
 
 ENV_VAR = "SPARC_PLUGINS"
@@ -169,26 +169,12 @@ def env_plugins() -> list[str]:
     return [s.strip() for s in os.environ.get(ENV_VAR, "").split(",") if s.strip()]
 
 
-def _entry_points() -> list:
-    from importlib.metadata import entry_points
-
-    try:
-        return list(entry_points(group=ENTRY_POINT_GROUP))
-    except TypeError:  # Python < 3.10's dict-shaped API
-        return list(entry_points().get(ENTRY_POINT_GROUP, []))  # type: ignore[attr-defined]
-
-
-def has_plugins() -> bool:
-    """Whether there is anything for :func:`ensure_plugins` to load (cheap: no import of a plugin)."""
-    return bool(env_plugins()) or (not _entry_points_loaded and bool(_entry_points()))
-
-
 def ensure_plugins() -> None:
     """Load the installed packages' ``sparc_kit.plugins`` entry points and the plugins ``SPARC_PLUGINS`` names,
     those not loaded yet. Called wherever the registries are populated; raises :class:`PluginError`."""
     global _entry_points_loaded
     if not _entry_points_loaded:
-        for ep in _entry_points():
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
             key = f"entry point {ep.value}"
             if key in _loaded:
                 continue
