@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", help="indices of CONFIGS to run (default all)")
     parser.add_argument("--json", help="write every run's record here")
     parser.add_argument("--workdir", default=None, help="where run folders go (default a temporary folder)")
+    parser.add_argument("--plot", help="draw the global-loss curves (mean over seeds) into this PNG")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     names = list(CONFIGS)
@@ -158,6 +159,31 @@ def main() -> None:
                 cell += f" ({delta:+.3f})" if m == "final_global" else f" ({delta:+.1f})"
             cells.append(cell)
         print(f"| {name} | {len(results[name])} | " + " | ".join(cells) + " |")
+    if args.plot:
+        plot_curves(results, names, f"{args.data}, {args.loss} loss, {args.steps} steps", args.plot)
+
+
+def plot_curves(results: dict[str, list[dict]], names: list[str], title: str, path: str) -> None:
+    """The logged global loss against the step, the mean over seeds, one line per configuration."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name in names:
+        if name not in results:
+            continue
+        curves = [{step: g if g is not None else loss for step, loss, g in r["curve"]} for r in results[name]]
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        ax.plot(steps, [statistics.mean(c[s] for c in curves) for s in steps], label=name, linewidth=1.4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("global (CLIP) loss, mean over seeds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 if __name__ == "__main__":

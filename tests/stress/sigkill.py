@@ -120,7 +120,10 @@ class Snapshot:
         if root.is_dir():
             for d in root.iterdir():
                 if d.name.startswith(".tmp-") and d.is_dir():
-                    tmp.add((d.name, d.stat().st_mtime_ns))
+                    try:
+                        tmp.add((d.name, d.stat().st_mtime_ns))
+                    except FileNotFoundError:  # renamed into place (or removed) by the live run since iterdir
+                        pass
                 elif d.name.startswith("step_") and all(
                     (d / f).exists() for f in ("model.safetensors", "trainer.pt", "state.json")
                 ):
