@@ -53,7 +53,7 @@ def _deepspeed_safe_globals() -> list[Any]:
 
 @contextlib.contextmanager
 def _weights_only_loads(ds: Any) -> Iterator[None]:
-    """DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)``, which runs whatever a pickle
+    """DeepSpeed reads its checkpoint files with torch.load and weights_only=False, which runs whatever a pickle
     names. For the duration of a load, its checkpoint engine reads them weights-only instead (with DeepSpeed's own
     plain-data classes allowed), so a planted file is refused in one line naming it, before any of it runs."""
     from sparc_kit.pretrained import load_torch_file
