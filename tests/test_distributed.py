@@ -304,7 +304,8 @@ def test_deepspeed_config_is_generated_from_the_recipe_and_raw_keys_pass_through
 
     recipe = sparc_kit.load_recipe("sparc_tiny", [
         "engine.name=deepspeed", "engine.zero_stage=3", "engine.offload_params=true", "train.precision=bf16",
-        "train.accum_steps=2", "engine.config={zero_optimization: {overlap_comm: true}, gradient_clipping: 1.0}",
+        "train.accum_steps=2", "optim.grad_clip=1.0",
+        "engine.config={zero_optimization: {overlap_comm: true}, gradient_clipping: 1.0}",
     ])
     generated = deepspeed_config(
         global_batch=64, world_size=4, accum_steps=2, grad_clip=recipe.optim.grad_clip, precision="bf16",
