@@ -473,8 +473,9 @@ def test_mgca_prototype_term_matches_reference_and_trains_the_prototypes(setting
     proto = ref_cpa(ref["image_embeds"], ref["text_embeds"], loss.prototypes.weight.tolist(),
                     settings["proto_temperature"], settings["sinkhorn_epsilon"], settings["sinkhorn_iterations"])
     close(out["proto_loss"], proto)
-    without = MgcaLoss(embed_dim=D, lambda_p=0.0, **settings)
-    without.load_state_dict(loss.state_dict())
+    without = MgcaLoss(embed_dim=D, lambda_p=0.0, **settings)  # no prototypes: the loss before CPA
+    without.load_state_dict({k: v for k, v in loss.state_dict().items() if not k.startswith("prototypes.")})
+    assert "proto_loss" not in without(**inputs)
     close(out["loss"] - without(**inputs)["loss"], 2.0 * proto)  # lambda_p weighs exactly this term
     out["loss"].backward()
     assert loss.prototypes.weight.grad is not None and loss.prototypes.weight.grad.abs().sum() > 0

@@ -166,7 +166,8 @@ class MgcaLoss(GlobalPlusFineLoss):
     scores give soft assignments by :func:`sinkhorn_knopp` (``sinkhorn_epsilon``, ``sinkhorn_iterations``; over
     the whole batch of every process), and each side predicts the *other* side's assignments with a softmax at
     temperature ``proto_temperature`` (swapped prediction): ``proto_loss = 0.5 * (CE(q_text, p_image) +
-    CE(q_image, p_text))``, weighted by ``lambda_p`` (0 turns the term off). MGCA's defaults: 500 prototypes,
+    CE(q_image, p_text))``, weighted by ``lambda_p`` (0: no prototypes and no term, the loss of sparc-kit before
+    CPA, whose checkpoints load into it). MGCA's defaults: 500 prototypes,
     epsilon 0.05, 3 iterations, temperature 0.2. Not reproduced: MGCA keeps its prototypes frozen for the first
     epoch.
 
@@ -209,7 +210,8 @@ class MgcaLoss(GlobalPlusFineLoss):
         self.proto_temperature = proto_temperature
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iterations = sinkhorn_iterations
-        self.prototypes = Prototypes(embed_dim, num_prototypes)
+        # no prototypes without their term: nothing would train them (DDP would also refuse the unused parameter)
+        self.prototypes = Prototypes(embed_dim, num_prototypes) if lambda_p != 0 else None
 
     def prototype_loss(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """CPA's swapped prediction (see the class docstring). Assignments come from the whole global batch (all
@@ -255,11 +257,8 @@ class MgcaLoss(GlobalPlusFineLoss):
     ) -> dict[str, torch.Tensor]:
         fine = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale)
         out = self.combine(fine, image_embeds, text_embeds, logit_scale)
-        if self.lambda_p != 0:
+        if self.prototypes is not None:
             proto = self.prototype_loss(image_embeds, text_embeds)
             out["loss"] = out["loss"] + self.lambda_p * proto
-        else:
-            with torch.no_grad():
-                proto = self.prototype_loss(image_embeds, text_embeds)
-        out["proto_loss"] = proto.detach()
+            out["proto_loss"] = proto.detach()
         return out
