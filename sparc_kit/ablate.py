@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel
 
 from sparc_kit.config import COMPONENT_SECTIONS, RecipeError, dump_recipe, load_recipe
+from sparc_kit.errors import SparcError
 
 __all__ = [
     "AblationError",
@@ -81,7 +82,7 @@ _EVAL_SKIP = {"step", "steps", "n", "images", "texts", "classes", "samples", "se
 _OPERATIONAL = {"steps", "device", "num_workers", "log_every", "checkpoint_every", "keep_checkpoints"}
 
 
-class AblationError(ValueError):
+class AblationError(SparcError, ValueError):
     """A sweep that cannot run; ``problems`` holds one line per problem."""
 
     def __init__(self, problems: list[str]):

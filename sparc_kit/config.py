@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from sparc_kit import registry as reg
+from sparc_kit.errors import RecipeError
 from sparc_kit.evaluate.spec import EvalConfig
 
 __all__ = [
@@ -35,20 +36,6 @@ __all__ = [
     "recipe_schema",
     "recipe_problems",
 ]
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; ``problems`` holds one line per problem."""
-
-    def __init__(self, problems: list[str], source: str | None = None):
-        # one line each, whatever text a user's key or value brought in: control characters are escaped
-        self.problems = [p if p.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in p)
-                         for p in problems]
-        self.source = source
-        super().__init__("\n".join(problems))
-
-    def __reduce__(self):  # survives pickling (sent between processes)
-        return (RecipeError, (self.problems, self.source))
 
 
 class Strict(BaseModel):

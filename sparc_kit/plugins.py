@@ -29,6 +29,8 @@ from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, Iterable
 
+from sparc_kit.errors import SparcError
+
 __all__ = [
     "ENV_VAR",
     "ENTRY_POINT_GROUP",
@@ -48,7 +50,7 @@ _entry_points_loaded = False
 _ACCEPTED = "a .py file, or a module importable from the current folder or the installed packages (my_pkg.my_loss)"
 
 
-class PluginError(ImportError):
+class PluginError(SparcError, ImportError):
     """A plugin that could not be imported; ``str()`` is one line naming it and what went wrong."""
 
     def __init__(self, plugin: str, problem: str):

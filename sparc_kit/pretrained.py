@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from sparc_kit.data.loader import IMAGE_MEAN, IMAGE_STD
+from sparc_kit.errors import SparcError
+from sparc_kit.io import WeightsFileError, load_torch_file  # re-exported: their earlier home
 
 __all__ = [
     "load_pretrained",
@@ -42,42 +44,8 @@ __all__ = [
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(SparcError, ValueError):
     """A path that does not hold a loadable model (no checkpoint, no recipe, no tokenizer)."""
-
-
-class WeightsFileError(ValueError):
-    """A torch file that cannot be loaded as tensors only: a pickle that would run code or build other objects,
-    or a file that is not a torch file at all."""
-
-
-def load_torch_file(source: Any, name: str | None = None) -> Any:
-    """``torch.load(source, weights_only=True)`` on the CPU: tensors, numbers, strings and containers only.
-
-    A file whose pickle names anything else (a class whose ``__reduce__`` calls ``os.system``) is refused by the
-    unpickler before any of it runs; that, and a file that is not a torch file, raise :class:`WeightsFileError`
-    with one line naming the file (``name``, default ``str(source)``). Meant for every torch file the package
-    reads (timm weights, a checkpoint's ``trainer.pt``).
-    """
-    import pickle
-
-    name = name or str(source)
-    try:
-        return torch.load(source, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(exc))
-        if found:
-            what = f"it would call {found.group(1)}"
-        else:
-            what = "its pickle holds more than tensors" + (f": {detail.group(1)[:100]}" if detail else "")
-        raise WeightsFileError(
-            f"{name}: not a weights-only file ({what}); refused without running anything: only tensors, numbers, "
-            "strings and containers are loaded (torch.load weights_only=True)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError) as exc:  # not a zip / legacy torch file, or cut short
-        first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsFileError(f"{name}: not a readable torch file ({first})") from None
 
 
 class EvalTransform:

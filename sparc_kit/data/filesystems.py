@@ -20,13 +20,15 @@ import fsspec
 from fsspec.core import split_protocol
 from fsspec.registry import known_implementations
 
+from sparc_kit.errors import SparcError
+
 __all__ = ["FilesystemUnavailableError", "check_url", "filesystem", "protocols"]
 
 # packages sparc-kit has an extra for (pyproject.toml): `pip install "sparc-kit[s3]"`
 EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
 
 
-class FilesystemUnavailableError(ValueError):
+class FilesystemUnavailableError(SparcError, ValueError):
     """A URL whose scheme fsspec does not know, or whose filesystem package is not installed."""
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from sparc_kit.data.filesystems import check_url, filesystem
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
+from sparc_kit.errors import SparcError
 from sparc_kit.registry import datasets
 
 __all__ = ["ManifestDataset", "ManifestError", "read_manifest_rows", "is_url", "join_path"]
@@ -38,7 +39,7 @@ __all__ = ["ManifestDataset", "ManifestError", "read_manifest_rows", "is_url", "
 _COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 
 
-class ManifestError(ValueError):
+class ManifestError(SparcError, ValueError):
     """The manifest as a whole is unusable (missing, unreadable, or no line has the needed keys)."""
 
 

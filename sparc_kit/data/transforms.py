@@ -23,12 +23,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from sparc_kit.errors import SparcError
+
 __all__ = ["ImageTransform", "BadImageError", "decode_image", "to_rgb", "stable_seed"]
 
 ResizeMode = Literal["center_crop", "squash", "pad"]
 
 
-class BadImageError(ValueError):
+class BadImageError(SparcError, ValueError):
     """The bytes are not an image PIL can decode (truncated, empty, unknown format)."""
 
 

@@ -60,6 +60,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url, filesystem
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
+from sparc_kit.errors import SparcError
 from sparc_kit.registry import datasets
 
 __all__ = ["WebDataset", "expand_urls", "iter_tar", "ShardError", "write_sample"]
@@ -69,7 +70,7 @@ log = logging.getLogger(__name__)
 _ERROR = "__error__"  # the key of a pseudo-sample that stands for a shard read error
 
 
-class ShardError(ValueError):
+class ShardError(SparcError, ValueError):
     """The shard list is unusable (empty pattern, missing local shards)."""
 
 

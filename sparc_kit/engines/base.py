@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from sparc_kit.engines import distributed
+from sparc_kit.errors import SparcError
 
 __all__ = [
     "Engine",
@@ -40,7 +41,7 @@ __all__ = [
 ]
 
 
-class EngineSetupError(ValueError):
+class EngineSetupError(SparcError, ValueError):
     """An engine that cannot run as the recipe asks (missing package, impossible layout, bad launcher state)."""
 
 

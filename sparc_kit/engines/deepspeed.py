@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
+from sparc_kit.io import load_torch_file
 from sparc_kit.registry import engines
 
 __all__ = ["DeepSpeedEngine", "deepspeed_config", "check_recipe", "consolidate_zero_checkpoint", "DS_TAG"]
@@ -56,8 +57,6 @@ def _weights_only_loads(ds: Any) -> Iterator[None]:
     """DeepSpeed reads its checkpoint files with torch.load and weights_only=False, which runs whatever a pickle
     names. For the duration of a load, its checkpoint engine reads them weights-only instead (with DeepSpeed's own
     plain-data classes allowed), so a planted file is refused in one line naming it, before any of it runs."""
-    from sparc_kit.pretrained import load_torch_file
-
     engine = getattr(ds, "checkpoint_engine", None)
     if engine is None:  # pragma: no cover  (every DeepSpeed engine has one)
         yield

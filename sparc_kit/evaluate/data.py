@@ -35,6 +35,8 @@ from typing import Any, Iterator, Sequence
 
 import fsspec
 
+from sparc_kit.errors import SparcError
+
 __all__ = [
     "EvalDataError",
     "expand_braces",
@@ -54,7 +56,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 MANIFEST_EXTS = (".jsonl", ".json", ".csv")
 
 
-class EvalDataError(ValueError):
+class EvalDataError(SparcError, ValueError):
     """An evaluation set that cannot be read as asked."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sparc_kit.errors import SparcError
 from sparc_kit.evaluate.data import (
     EvalDataError,
     detect_task,
@@ -43,7 +44,7 @@ __all__ = [
 COUNT_KEYS = ("n", "classes", "images", "texts")  # integer entries of a metrics dict; the rest are fractions
 
 
-class EvalTaskError(ValueError):
+class EvalTaskError(SparcError, ValueError):
     """An evaluation asked for that cannot run (unknown or not yet available task, no data given)."""
 
 

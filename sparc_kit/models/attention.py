@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from sparc_kit.errors import SparcError
 from sparc_kit.registry import attention_backends
 
 __all__ = ["Attention", "Block", "Mlp", "attention_mask", "get_attention_backend", "BackendUnavailableError"]
@@ -23,7 +24,7 @@ __all__ = ["Attention", "Block", "Mlp", "attention_mask", "get_attention_backend
 _KERNEL_ARGS = ("q", "k", "v", "mask")  # call arguments, not recipe settings
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(SparcError, RuntimeError):
     """An attention backend that cannot run in this environment."""
 
 

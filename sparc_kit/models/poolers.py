@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparc_kit.errors import SparcError
 from sparc_kit.models.attention import init_weights
 from sparc_kit.registry import poolers
 
@@ -73,7 +74,7 @@ class MeanPooler(nn.Module):
         return masked_mean(x, mask)
 
 
-class MissingClassTokenError(ValueError):
+class MissingClassTokenError(SparcError, ValueError):
     """The ``cls`` pooler was given an encoder output without a class token."""
 
 

@@ -22,6 +22,7 @@ import fsspec
 import torch
 import torch.nn as nn
 
+from sparc_kit.io import load_torch_file
 from sparc_kit.registry import vision_encoders
 
 __all__ = ["TimmVisionEncoder", "load_state_dict_file"]
@@ -33,7 +34,7 @@ HEAD_PREFIXES = ("head.", "head_drop.", "fc_norm.", "attn_pool.", "head_dist.")
 
 def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     """Read a state dict from a ``.safetensors`` file or a torch file (weights only: a pickle that would run code
-    is refused with :class:`~sparc_kit.pretrained.WeightsFileError`), through fsspec.
+    is refused with :class:`~sparc_kit.io.WeightsFileError`), through fsspec.
 
     A torch checkpoint that wraps the weights (``{"state_dict": ...}``, ``{"model": ...}``) is unwrapped, and a
     ``module.`` (DDP) or ``model.`` (this wrapper's own state dict) prefix shared by every key is removed.
@@ -41,7 +42,6 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load as load_safetensors
     from safetensors.torch import load_file
 
-    from sparc_kit.pretrained import load_torch_file  # weights only: a pickle that would run code is refused
 
     safetensors = str(path).endswith(".safetensors")
     fs, local = fsspec.core.url_to_fs(str(path))

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from sparc_kit.io import load_torch_file
 
 __all__ = [
     "save_checkpoint",
@@ -212,7 +213,6 @@ def save_train_checkpoint(
 
 def read_checkpoint_state(path: str) -> dict[str, Any]:
     """A checkpoint's ``state.json`` and ``trainer.pt`` (as ``state["trainer"]``), without touching weights."""
-    from sparc_kit.pretrained import load_torch_file  # weights only: refuses a pickle that would run code
 
     trainer_state = load_torch_file(os.path.join(path, "trainer.pt"))
     with open(os.path.join(path, "state.json")) as f:

@@ -35,6 +35,7 @@ import yaml
 from sparc_kit.config import dump_recipe, load_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
+from sparc_kit.errors import RunError
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
 from sparc_kit.losses import build_loss
@@ -92,7 +93,7 @@ class TrainingInterrupted(RuntimeError):
         return (TrainingInterrupted, (self.step, self.out_dir, self.saved))
 
 
-class RunFolderBusyError(RuntimeError):
+class RunFolderBusyError(RunError, RuntimeError):
     """Another process is training into the same run folder."""
 
 
@@ -123,7 +124,7 @@ def _run_lock(out_dir: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class ResumeMismatchError(ValueError):
+class ResumeMismatchError(RunError, ValueError):
     """The run folder holds a checkpoint of a different model or tokenizer than the recipe asks for."""
 
 
@@ -244,7 +245,7 @@ def _length(dataset: Any) -> int | None:
         return None
 
 
-class TooManyBadSamplesError(RuntimeError):
+class TooManyBadSamplesError(RunError, RuntimeError):
     """More than ``train.max_skip_fraction`` of the samples read were unreadable."""
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from sparc_kit.engines.base import NonFiniteGradient
+from sparc_kit.errors import RunError
 from sparc_kit.train.module import snapshot_rng
 
 __all__ = [
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunError, RuntimeError):
     """The loss became NaN or infinite; nothing of that step was applied."""
 
     def __init__(self, step: int, value: float, last_finite_step: int | None):
@@ -50,7 +51,7 @@ class NonFiniteLossError(RuntimeError):
         return (NonFiniteLossError, (self.step, self.value, self.last_finite_step))
 
 
-class NonFiniteGradientError(RuntimeError):
+class NonFiniteGradientError(RunError, RuntimeError):
     """The loss was finite but a gradient was not; the update was not applied (unless ``applied``)."""
 
     def __init__(self, step: int, parameter: str | None, applied: bool = False):

@@ -1,0 +1,41 @@
+"""The project's error types: input it cannot use, said in one line.
+
+Every error the package raises for a bad recipe, data set, checkpoint, plugin or command-line argument derives
+from :class:`SparcError`. The CLI reports a :class:`SparcError` as its message alone with exit code 2; anything
+else is a bug in the package (or in a user's component) and keeps its traceback, so a library bug never looks
+like bad input. Each concrete type also keeps the built-in base it had before (``RecipeError`` is still a
+``ValueError``), so code that caught those goes on working.
+
+This module imports nothing of the package: every layer may raise these.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SparcError", "RunError", "RecipeError", "one_line"]
+
+
+class SparcError(Exception):
+    """Input the package cannot use; ``str()`` is one line that names the field, file or value and what would be
+    accepted."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped, so whatever a user's key or value brought in stays on one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+class RecipeError(SparcError, ValueError):
+    """A recipe that cannot be used; ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = [one_line(p) for p in problems]
+        self.source = source
+        super().__init__("\n".join(problems))
+
+    def __reduce__(self):  # survives pickling (sent between processes)
+        return (RecipeError, (self.problems, self.source))
+
+
+class RunError(SparcError):
+    """A run that started and cannot go on (a non-finite loss, a run folder that does not fit its recipe, too many
+    unreadable samples): the CLI exits 1 with the line, not 2, since the input was valid when it began."""
