@@ -393,7 +393,7 @@ def test_sparc_with_siglip_global_is_weighted_sum(lambda_g, lambda_f):
     close(out["global_loss"], siglip)
     close(out["fine_loss"], float(fine))
     close(out["loss"], lambda_g * siglip + lambda_f * float(fine))
-    assert [n for n, _ in loss.named_parameters()] == ["siglip.bias"]
+    assert [n for n, _ in loss.named_parameters()] == ["global_term.bias"]
     assert "siglip_bias" in out
     # the default is unchanged: CLIP's global loss, no parameters
     default = SparcLoss(lambda_g=lambda_g, lambda_f=lambda_f)
@@ -621,7 +621,7 @@ MGCA_PARAMS.append("prototypes.weight")
     "name, params, owned",
     [
         ("siglip", {}, ["bias"]),
-        ("sparc", {"global_loss": "siglip"}, ["siglip.bias"]),
+        ("sparc", {"global_loss": "siglip"}, ["global_term.bias"]),
         ("filip", {"global_loss": "siglip", "lambda_g": 0.5}, ["global_term.bias"]),
         ("pacl", {"global_loss": "siglip", "lambda_g": 0.5}, ["global_term.bias"]),
         ("gloria", {"global_loss": "siglip"}, ["global_term.bias"]),
@@ -778,3 +778,17 @@ def test_bf16_autocast_gives_float32_close_to_float32(case):
 def test_mgca_embed_dim_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="embed_dim"):
         MgcaLoss(embed_dim=D + 1)(**make_inputs(22))
+
+
+def test_sparc_siglip_bias_written_under_its_earlier_name_still_loads(tmp_path):
+    """SPARC's SigLIP bias was ``siglip.bias`` before SPARC shared the combined losses' ``global_term``; a
+    loss.safetensors of that time loads into the same parameter, strictly, with its value."""
+    from safetensors.torch import save_file
+
+    from sparc_kit.train.checkpoint import load_model_weights
+
+    path = tmp_path / "loss.safetensors"
+    save_file({"siglip.bias": torch.tensor(-4.25)}, str(path))
+    loss = SparcLoss(global_loss="siglip")
+    load_model_weights(loss, str(path))
+    assert loss.global_term.bias.item() == -4.25

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["world", "local_only", "gather_rows", "global_sum", "batch_share", "pairwise_contrast"]
+__all__ = ["world", "local_only", "gather_rows", "global_sum", "batch_share", "pairwise_contrast", "share_gradient"]
 
 
 _LOCAL_ONLY = [False]
@@ -150,3 +150,11 @@ def pairwise_contrast(
         F.cross_entropy(logits_i2t, targets, reduction="sum") + F.cross_entropy(logits_t2i, targets, reduction="sum")
     ) / share.clamp_min(1e-12)
     return loss, logits_i2t, logits_t2i, targets
+
+
+def share_gradient(value: torch.Tensor, passes: int) -> torch.Tensor:
+    """``value`` unchanged, with ``1 / passes`` of its gradient: for a quantity every pass of an accumulated step
+    uses in the whole batch's loss, so that its gradients, added over the passes, are the whole batch's once."""
+    if passes <= 1 or not torch.is_tensor(value) or not value.requires_grad:
+        return value
+    return value / passes + value.detach() * (1.0 - 1.0 / passes)

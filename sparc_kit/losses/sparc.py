@@ -8,23 +8,26 @@ import torch
 
 from sparc_kit.losses.diagnostics import diagnostics_enabled
 from sparc_kit.losses.functional import average_denominator, sparc_alignment_weights, sparc_fine_grained_loss, wide
-from sparc_kit.losses.global_losses import ClipLoss, GlobalLossName, SigLipLoss, check_global_head_trained
+from sparc_kit.losses.distributed import share_gradient
+from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["SparcLoss"]
 
 
 @losses.register("sparc", check=check_global_head_trained)
-class SparcLoss(ClipLoss):
+class SparcLoss(GlobalPlusFineLoss):
     """``lambda_g * L_global + lambda_f * L_fine`` (eq. 7): CLIP's global loss plus SPARC's fine-grained loss.
 
     ``sparsity_threshold`` is sigma of eq. 3 (None: 1/P, the paper's choice); ``average`` is "token" (the
     paper's pseudo-code) or "caption" (eq. 6); ``weighting`` is "sparse" (the method), "dense" (no threshold) or
     "softmax" (the paper's ablation rows). The fine-grained term is per sample: memory O(B L P), no all-gather.
 
-    ``global_loss`` picks the global term: "clip" (eq. 1, the paper) or "siglip" (:class:`SigLipLoss`, the
-    sigmoid loss with a learned bias initialised to -10; the bias is then a parameter of this module, ``siglip.bias``,
-    to be optimised and checkpointed with it). The fine-grained term keeps its softmax contrast either way.
+    ``global_loss`` picks the global term, as for every combined loss (:class:`GlobalPlusFineLoss`): "clip"
+    (eq. 1, the paper) or "siglip" (:class:`SigLipLoss`, the sigmoid loss with a learned bias initialised to -10;
+    the bias is then this module's parameter ``global_term.bias``, optimised and checkpointed with it). The
+    fine-grained term keeps its softmax contrast either way. ``lambda_g: 0`` leaves the global term out of the
+    optimised loss (it is still computed, without gradient, for its diagnostics).
 
     Diagnostics (computed when :func:`~sparc_kit.losses.diagnostics.diagnostics_enabled`: the training loop
     asks for them on logged steps only): the fraction of each token's patches the threshold itself removed, the
@@ -44,24 +47,12 @@ class SparcLoss(ClipLoss):
         local_loss: bool = True,
         diagnostics: bool = True,
     ):
-        super().__init__(local_loss=local_loss)
-        if global_loss not in ("clip", "siglip"):
-            raise ValueError(f"global_loss must be 'clip' or 'siglip', got {global_loss!r}")
-        # not ``self.global_loss``: that name is the method computing the term
-        self.global_loss_name = global_loss
-        if global_loss == "siglip":
-            self.siglip = SigLipLoss()
-        self.lambda_g = lambda_g
-        self.lambda_f = lambda_f
+        super().__init__(lambda_g=lambda_g, lambda_f=lambda_f, global_loss=global_loss, local_loss=local_loss)
         self.sparsity_threshold = sparsity_threshold
         self.average = average
         self.weighting = weighting
         self.diagnostics = diagnostics
-
-    def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        if self.global_loss_name == "siglip":
-            return self.siglip.global_loss(image_embeds, text_embeds, logit_scale)
-        return super().global_loss(image_embeds, text_embeds, logit_scale)
+        self._register_load_state_dict_pre_hook(_earlier_bias_name)
 
     def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale, return_weights=False, denominator=None):
         return sparc_fine_grained_loss(
@@ -94,25 +85,13 @@ class SparcLoss(ClipLoss):
         to the whole batch's, and the global term (the whole batch's in every pass) gives the logit scale
         ``1 / live_passes`` of its gradient (diagnostics are left to the caller's pass over the whole batch)."""
         if live_rows is not None:
-            from sparc_kit.train.module import share_gradient
-
-            global_loss, diag = self.global_loss(image_embeds, text_embeds, share_gradient(logit_scale, live_passes))
             denominator = average_denominator(token_mask, self.average)
             rows = (patch_embeds[live_rows], token_embeds[live_rows], token_mask[live_rows])
             fine_loss = self.fine_loss(*rows, logit_scale, denominator=denominator)
-            return {
-                "loss": self.lambda_g * global_loss + self.lambda_f * fine_loss,
-                "global_loss": global_loss.detach(),
-                "fine_loss": fine_loss.detach(),
-            }
-        global_loss, diag = self.global_loss(image_embeds, text_embeds, logit_scale)
+            out = self.combine(fine_loss, image_embeds, text_embeds, share_gradient(logit_scale, live_passes))
+            return {key: out[key] for key in ("loss", "global_loss", "fine_loss")}
         fine_loss, weights = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale, True)
-        out = {
-            "loss": self.lambda_g * global_loss + self.lambda_f * fine_loss,
-            "global_loss": global_loss.detach(),
-            "fine_loss": fine_loss.detach(),
-            **diag,
-        }
+        out = self.combine(fine_loss, image_embeds, text_embeds, logit_scale)
         if self.diagnostics and diagnostics_enabled():
             with torch.no_grad():
                 out.update(self._sparsity_stats(weights, patch_embeds, token_embeds, token_mask))
@@ -139,3 +118,11 @@ class SparcLoss(ClipLoss):
             "patches_per_token": (kept * mask).sum() / real,
             "zeroed_fraction": removed / weights.shape[-1],
         }
+
+
+def _earlier_bias_name(state_dict, prefix, *_):
+    """Checkpoints written before SPARC shared the combined losses' global term named its SigLIP bias
+    ``siglip.bias``; they load as ``global_term.bias``."""
+    old = prefix + "siglip.bias"
+    if old in state_dict:
+        state_dict[prefix + "global_term.bias"] = state_dict.pop(old)

@@ -8,15 +8,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparc_kit.losses.distributed import share_gradient
+
 __all__ = ["TrainModule", "splice", "share_gradient"]
-
-
-def share_gradient(value: torch.Tensor, passes: int) -> torch.Tensor:
-    """``value`` unchanged, with ``1 / passes`` of its gradient: for a quantity every pass of an accumulated step
-    uses in the whole batch's loss, so that its gradients, added over the passes, are the whole batch's once."""
-    if passes <= 1 or not torch.is_tensor(value) or not value.requires_grad:
-        return value
-    return value / passes + value.detach() * (1.0 - 1.0 / passes)
 
 
 def splice(cache: dict[str, Any], live: dict[str, Any], rows: slice, passes: int = 1) -> dict[str, Any]:
