@@ -32,7 +32,7 @@ def measure(name: str, batch: int, patches: int, tokens: int, dim: int, reps: in
 
     torch.manual_seed(0)
     entry = losses.get(name)
-    loss_fn = entry.build({}, **({"embed_dim": dim} if "embed_dim" in entry.internal else {}))
+    loss_fn = entry.build({}, offer={"embed_dim": dim})
     loss_fn.eval()  # FILIP's token dropping off: the same work every repetition
     lengths = torch.randint(tokens // 2, tokens + 1, (batch,))
     inputs = {

@@ -39,3 +39,13 @@ class RecipeError(SparcError, ValueError):
 class RunError(SparcError):
     """A run that started and cannot go on (a non-finite loss, a run folder that does not fit its recipe, too many
     unreadable samples): the CLI exits 1 with the line, not 2, since the input was valid when it began."""
+
+
+def require_recipe(recipe: object, caller: str) -> None:
+    """Builders take a validated recipe object; files are read at the edges (``load_recipe``, ``load_pretrained``,
+    the CLI). A path or dict handed to a builder is a programming error: a ``TypeError`` that says what to write."""
+    if not (hasattr(recipe, "model") and hasattr(recipe, "model_dump")):
+        raise TypeError(
+            f"{caller} takes a validated recipe, got {type(recipe).__name__}: "
+            f"{caller}(sparc_kit.load_recipe({recipe!r:.60}))"
+        )

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparc_kit.data.loader import IMAGE_MEAN, IMAGE_STD
+from sparc_kit.data.transforms import EvalTransform, model_image_size, transform_for  # re-exported: their earlier home
 from sparc_kit.errors import SparcError
 from sparc_kit.io import WeightsFileError, load_torch_file  # re-exported: their earlier home
 
@@ -46,82 +46,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class PretrainedError(SparcError, ValueError):
     """A path that does not hold a loadable model (no checkpoint, no recipe, no tokenizer)."""
-
-
-class EvalTransform:
-    """A PIL image or an image tensor to the model's input: resize the shorter side to ``image_size`` (bicubic),
-    center crop to ``image_size`` x ``image_size``, scale to [0, 1], normalise with CLIP's mean/std.
-
-    Accepts a PIL image (any mode; converted to RGB), a uint8 tensor [3, H, W] (0..255) or a float tensor
-    [3, H, W] in [0, 1], or a batch [B, 3, H, W] of either; returns float32 [3, S, S] (or [B, 3, S, S]).
-
-    It matches the training pipeline: a PIL image is resized and cropped as the datasets' default
-    ``center_crop`` does (PIL bicubic, same rounding; :mod:`sparc_kit.data.transforms`), then normalised as
-    :class:`~sparc_kit.data.loader.Collate` does. An image already S x S is not resampled, so the result equals
-    ``Collate.images`` exactly. Tensors are resized with torch's antialiased bicubic.
-    """
-
-    def __init__(self, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
-        self.image_size = int(image_size)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-
-    def __call__(self, image: Any) -> torch.Tensor:
-        if hasattr(image, "convert") and hasattr(image, "size"):  # PIL
-            image = self._pil_to_tensor(self._pil_resize_crop(image.convert("RGB")))
-        if not isinstance(image, torch.Tensor):
-            raise TypeError(f"expected a PIL image or a tensor, got {type(image).__name__}")
-        if image.ndim not in (3, 4) or image.shape[-3] != 3:
-            raise ValueError(f"expected an image tensor [3, H, W] or [B, 3, H, W], got shape {tuple(image.shape)}")
-        batched = image.ndim == 4
-        x = image if batched else image.unsqueeze(0)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        x = self._tensor_resize_crop(x)
-        x = (x - self.mean) / self.std
-        return x if batched else x[0]
-
-    def _pil_resize_crop(self, image):
-        from sparc_kit.data.transforms import center_crop  # the same view the training data gets
-
-        return center_crop(image, self.image_size)
-
-    @staticmethod
-    def _pil_to_tensor(image) -> torch.Tensor:
-        array = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-        return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-    def _tensor_resize_crop(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        h, w = x.shape[-2:]
-        if (h, w) == (size, size):
-            return x
-        if min(h, w) != size:
-            scale = size / min(h, w)
-            new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
-            x = x.clamp(0.0, 1.0)  # bicubic overshoots
-            h, w = new_h, new_w
-        top, left = (h - size) // 2, (w - size) // 2
-        return x[..., top : top + size, left : left + size]
-
-    def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"
-
-
-def model_image_size(model: torch.nn.Module, recipe: Any = None) -> int:
-    """The square input size of a dual encoder's vision tower (its ``image_size``, else the recipe's)."""
-    model = getattr(model, "module", model)  # DDP / engine wrappers
-    size = getattr(getattr(model, "vision", None), "image_size", None)
-    if size is None and recipe is not None:
-        size = getattr(recipe.model.vision, "image_size", None)
-    if size is None:
-        raise ValueError("cannot tell the model's image size: its vision tower has no image_size")
-    return int(size)
-
-
-def transform_for(model: torch.nn.Module, recipe: Any = None) -> EvalTransform:
-    """The evaluation transform for ``model``."""
-    return EvalTransform(model_image_size(model, recipe))
 
 
 @dataclass

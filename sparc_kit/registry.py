@@ -82,18 +82,27 @@ class Entry:
     builder: Callable[..., Any]
     config: type[ComponentConfig]
     doc: str
-    internal: tuple[str, ...] = ()
+    #: arguments the code that builds the component supplies (the model builder passes the recipe's attention
+    #: switch, a pooler gets its tower's width): not recipe parameters, left out of :attr:`config`
+    supplied: tuple[str, ...] = ()
     #: ``check(recipe, path) -> list[str]``: problems of a whole validated recipe that this component, found at
     #: the dotted ``path`` of the recipe (``model.vision``, ``engine``), can see and a field-level schema cannot
     #: (heads that do not divide the width, a DeepSpeed pass-through key that contradicts the train section); one
     #: line each, reported with the recipe's other errors.
     check: Callable[[Any, str], list[str]] | None = None
 
-    def build(self, params: dict[str, Any] | BaseModel | None = None, **extra: Any) -> Any:
-        """Validate ``params`` against the config model and call the builder."""
+    def build(
+        self, params: dict[str, Any] | BaseModel | None = None, offer: dict[str, Any] | None = None, **extra: Any
+    ) -> Any:
+        """Validate ``params`` against the config model and call the builder.
+
+        ``offer``: values the caller can supply (``{"attention": ..., "width": ...}``); the builder gets those it
+        declares in :attr:`supplied` and no others, so one offer serves every component of a kind. ``extra`` is
+        passed as it is."""
         if isinstance(params, BaseModel):
             params = params.model_dump(exclude={"name"})
         values = self.config.model_validate(dict(params or {})).model_dump()
+        values.update({k: v for k, v in (offer or {}).items() if k in self.supplied})
         values.update(extra)
         return self.builder(**values)
 
@@ -121,12 +130,12 @@ def _type_name(annotation: Any) -> str:
 
 
 def config_from_signature(
-    name: str, builder: Callable[..., Any], internal: tuple[str, ...] = ()
+    name: str, builder: Callable[..., Any], supplied: tuple[str, ...] = ()
 ) -> type[ComponentConfig]:
     """A pydantic model whose fields are the builder's keyword arguments.
 
     Arguments without a default are required; arguments without an annotation accept anything. ``*args``,
-    ``**kwargs`` and the ``internal`` arguments (filled in by whoever builds the component, e.g. the model
+    ``**kwargs`` and the ``supplied`` arguments (filled in by whoever builds the component, e.g. the model
     builder passes the recipe's one attention switch) are not parameters a recipe can set.
     """
     target = builder.__init__ if inspect.isclass(builder) else builder
@@ -137,7 +146,7 @@ def config_from_signature(
         hints = {}
     fields: dict[str, Any] = {}
     for pname, param in sig.parameters.items():
-        if pname == "self" or pname in internal or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        if pname == "self" or pname in supplied or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
             continue
         annotation = hints.get(pname, param.annotation)
         if annotation is inspect.Parameter.empty:
@@ -162,14 +171,16 @@ class Registry:
         name: str,
         config: type[BaseModel] | None = None,
         *,
-        internal: tuple[str, ...] = (),
+        supplied: tuple[str, ...] = (),
         override: bool = False,
         check: Callable[[Any, str], list[str]] | None = None,
+        internal: tuple[str, ...] = (),
     ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         """Decorator: register ``builder`` under ``name``.
 
         ``config`` is the parameter model; by default it is derived from the builder's signature, leaving out
-        the ``internal`` arguments. ``check(recipe, path)`` returns the problems of a whole recipe that uses this
+        the ``supplied`` arguments (those its builder is given by the code that builds it; ``internal`` is their
+        earlier name, still accepted from plugins). ``check(recipe, path)`` returns the problems of a whole recipe that uses this
         component (see :attr:`Entry.check`). Registering a name twice warns (as timm does) unless
         ``override=True``; the later registration wins.
         """
@@ -184,12 +195,13 @@ class Registry:
                         f"{self.kind} {name!r} is registered again ({_where(builder)} replaces {_where(old)})",
                         stacklevel=2,
                     )
-            cfg = config or config_from_signature(name, builder, internal)
+            given = tuple(supplied) + tuple(internal)
+            cfg = config or config_from_signature(name, builder, given)
             if not issubclass(cfg, BaseModel):
                 raise TypeError(f"config for {self.kind} {name!r} must be a pydantic model")
             doc = inspect.getdoc(builder) or ""
             summary = _plain(doc.split("\n\n")[0].replace("\n", " "))
-            self._entries[name] = Entry(self.kind, name, builder, cfg, summary, tuple(internal), check)
+            self._entries[name] = Entry(self.kind, name, builder, cfg, summary, given, check)
             self.version += 1
             return builder
 
@@ -201,8 +213,11 @@ class Registry:
         except KeyError:
             raise UnknownComponentError(self.kind, name, self.names()) from None
 
-    def build(self, name: str, params: dict[str, Any] | BaseModel | None = None, **extra: Any) -> Any:
-        return self.get(name).build(params, **extra)
+    def build(
+        self, name: str, params: dict[str, Any] | BaseModel | None = None, offer: dict[str, Any] | None = None,
+        **extra: Any,
+    ) -> Any:
+        return self.get(name).build(params, offer, **extra)
 
     def names(self, pattern: str | None = None) -> list[str]:
         names = sorted(self._entries)

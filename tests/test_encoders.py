@@ -367,7 +367,7 @@ def test_timm_encoder_is_registered_with_its_options():
     fields = entry.config.model_fields
     assert set(fields) == {"model_name", "pretrained", "weights", "image_size"}  # grad_checkpointing is internal
     assert fields["model_name"].default == "vit_base_patch16_224" and fields["pretrained"].default is False
-    assert entry.internal == ("grad_checkpointing",)  # the recipe's attention switch is not passed
+    assert entry.supplied == ("grad_checkpointing",)  # the recipe's attention switch is not passed
 
 
 def test_timm_grad_checkpointing_same_outputs_and_gradients():

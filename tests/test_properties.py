@@ -112,14 +112,14 @@ def _tiny(table: dict[str, dict], table_name: str, kind: str, name: str) -> dict
 
 
 def _internal(entry) -> dict:
-    unknown = [a for a in entry.internal if a not in INTERNAL_VALUES]
+    unknown = [a for a in entry.supplied if a not in INTERNAL_VALUES]
     if unknown:
         pytest.fail(
             f"{entry.kind} {entry.name!r} declares internal arguments {unknown} that tests/test_properties.py does "
             "not know how to fill: add them to INTERNAL_VALUES (with what the builder of the model / loop passes)",
             pytrace=False,
         )
-    return {a: INTERNAL_VALUES[a] for a in entry.internal}
+    return {a: INTERNAL_VALUES[a] for a in entry.supplied}
 
 
 def build(registry, name: str, params: dict | None = None):

@@ -73,7 +73,7 @@ def test_register_class_uses_init_and_leaves_out_internal_args(toys):
 
     entry = toys.get("gadget")
     assert list(entry.config.model_fields) == ["width"]  # no self, internal, *args or **kwargs
-    assert entry.internal == ("device", "precision")
+    assert entry.supplied == ("device", "precision")
     assert entry.doc == "Gadget summary on two lines."
     # internal args are given by whoever builds the component, outside the validated params
     g = entry.build({"width": 3}, device="meta", precision="bf16")

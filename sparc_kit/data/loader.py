@@ -10,13 +10,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 
 from sparc_kit.data.tokenizer import Tokenizer
+from sparc_kit.data.transforms import IMAGE_MEAN, IMAGE_STD
 
 __all__ = [
     "ResumableBatchSampler", "epoch_seed", "Collate", "make_loader", "Loader", "worker_error", "IMAGE_MEAN", "IMAGE_STD"
 ]
 
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

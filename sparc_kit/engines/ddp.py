@@ -21,7 +21,7 @@ from sparc_kit.registry import engines
 __all__ = ["DDPEngine"]
 
 
-@engines.register("ddp", internal=("device", "precision"))
+@engines.register("ddp", supplied=("device", "precision"))
 class DDPEngine(LocalEngine):
     """torch DistributedDataParallel over the processes of a launcher (gloo on CPU, nccl on CUDA).
 

@@ -293,7 +293,7 @@ def _lift_scalars(module: nn.Module) -> dict[str, torch.Size]:
     return lifted
 
 
-@engines.register("deepspeed", internal=("device", "precision"), check=check_recipe)
+@engines.register("deepspeed", supplied=("device", "precision"), check=check_recipe)
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stages 0-3), optimizer offload to CPU (stages 1-3) and parameter offload (stage 3).
 

@@ -14,7 +14,7 @@ from sparc_kit.registry import engines
 __all__ = ["LocalEngine", "resolve_device"]
 
 
-@engines.register("local", internal=("device", "precision"))
+@engines.register("local", supplied=("device", "precision"))
 class LocalEngine(Engine):
     """Runs the loop in this process on one device (the default). The loop talks to an engine, never to DDP or
     DeepSpeed; see :mod:`sparc_kit.engines.base` for the interface."""

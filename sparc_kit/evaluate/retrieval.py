@@ -19,6 +19,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.data.transforms import transform_for
+
 __all__ = ["retrieval_metrics", "retrieval_ranks", "retrieval_evaluate", "encode_texts"]
 
 
@@ -141,12 +143,10 @@ def retrieval_evaluate(
     """Recall@K on ``dataset`` = ``(image, [captions])`` pairs (a :class:`~sparc_kit.evaluate.data.RetrievalSet`
     or any iterable of them; the first ``max_samples`` images when given).
 
-    Images are transformed (default: the model's :class:`~sparc_kit.pretrained.EvalTransform`) and encoded
+    Images are transformed (default: the model's :class:`~sparc_kit.data.transforms.EvalTransform`) and encoded
     ``batch_size`` at a time; only the [N, E] and [M, E] embeddings are kept. Returns :func:`retrieval_metrics`'
     dict.
     """
-    from sparc_kit.pretrained import transform_for
-
     if transform is None:
         transform = transform_for(model)
     image_chunks: list[torch.Tensor] = []

@@ -77,7 +77,7 @@ class EvalResult:
 _TASK_ARGS = ("model", "tokenizer", "spec", "transform")  # call arguments; the options are the EvalConfig's
 
 
-@evaluators.register("zeroshot", internal=_TASK_ARGS)
+@evaluators.register("zeroshot", supplied=_TASK_ARGS)
 def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
     """Zero-shot classification: class names x prompt templates, averaged text embeddings; top-1 and top-k."""
     classnames = load_classnames(spec.classnames, spec.data)
@@ -89,7 +89,7 @@ def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any =
     return metrics, {"classnames": len(classnames), "templates": list(templates)}
 
 
-@evaluators.register("retrieval", internal=_TASK_ARGS)
+@evaluators.register("retrieval", supplied=_TASK_ARGS)
 def retrieval_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
     """Image-text retrieval: R@1/5/10 image-to-text and text-to-image, several captions per image, in chunks."""
     dataset = load_retrieval_set(spec.data, spec.max_samples)

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.data.transforms import transform_for
 from sparc_kit.evaluate.retrieval import _device, encode_image_batches
 
 __all__ = [
@@ -117,14 +118,12 @@ def zeroshot_evaluate(
     """Top-k accuracy of zero-shot classification over ``samples`` = ``(image, label index)`` pairs.
 
     Images are PIL images or tensors, turned into model input by ``transform`` (default: the model's
-    :class:`~sparc_kit.pretrained.EvalTransform`); they are read and encoded ``batch_size`` at a time, so the
+    :class:`~sparc_kit.data.transforms.EvalTransform`); they are read and encoded ``batch_size`` at a time, so the
     set is never held in memory. Returns ``{"top1": ..., "top5": ..., "n": images, "classes": C}`` (accuracies
     as fractions). A ``top{k}`` is reported only when ``k < C`` (k = 1 always): with C <= k classes every label
     is in the top k and the number would read 100% whatever the model. ``classifier`` [C, E] skips building the
     class embeddings (e.g. when evaluating several sets with one class list).
     """
-    from sparc_kit.pretrained import transform_for
-
     if transform is None:
         transform = transform_for(model)
     num_classes = len(classnames)

@@ -8,6 +8,7 @@ Every module is called with the model's output dict (``loss_fn(**model_out)``) a
 entry is optimised; the rest are diagnostics.
 """
 
+from sparc_kit.errors import require_recipe
 from sparc_kit.losses.functional import (
     clip_loss,
     contrastive_accuracy,
@@ -22,6 +23,7 @@ from sparc_kit.losses.global_losses import ClipLoss, GlobalPlusFineLoss, SigLipL
 from sparc_kit.losses.mgca import MgcaLoss
 from sparc_kit.losses.pacl import PaclLoss
 from sparc_kit.losses.sparc import SparcLoss
+from sparc_kit.registry import losses
 
 __all__ = [
     "build_loss",
@@ -43,14 +45,9 @@ __all__ = [
 
 
 def build_loss(recipe):
-    """Build the loss a recipe describes (a recipe object, or anything :func:`sparc_kit.load_recipe` accepts); a
+    """Build the loss a validated recipe describes (:func:`sparc_kit.load_recipe`); a
     loss that sizes parameters by the embedding width (``embed_dim`` among its filled-in arguments) is told
     ``model.embed_dim``."""
-    from sparc_kit.config import load_recipe
-    from sparc_kit.registry import losses
-
-    if not hasattr(recipe, "loss"):
-        recipe = load_recipe(recipe)
+    require_recipe(recipe, "build_loss")
     entry = losses.get(recipe.loss.name)
-    extra = {"embed_dim": recipe.model.embed_dim} if "embed_dim" in entry.internal else {}
-    return entry.build(recipe.loss, **extra)
+    return entry.build(recipe.loss, offer={"embed_dim": recipe.model.embed_dim})

@@ -137,7 +137,7 @@ class Prototypes(LazyModuleMixin, nn.Module):
         return F.normalize(z, dim=-1) @ F.normalize(wide(self.weight), dim=-1).t()
 
 
-@losses.register("mgca", internal=("embed_dim",), check=check_global_head_trained)
+@losses.register("mgca", supplied=("embed_dim",), check=check_global_head_trained)
 class MgcaLoss(GlobalPlusFineLoss):
     """MGCA: the global loss, cross-modal token alignment (CTA) as SPARC re-implemented it, prototype alignment.
 

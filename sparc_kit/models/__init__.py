@@ -6,6 +6,7 @@ from typing import Any
 
 from sparc_kit.models import attention, poolers, text, timm_encoder, vit  # noqa: F401  (registration)
 from sparc_kit.data.tokenizer import EOS_ID
+from sparc_kit.errors import RecipeError, require_recipe
 from sparc_kit.models.dual_encoder import DualEncoder
 from sparc_kit.models.poolers import (
     AttentionPooler,
@@ -47,17 +48,14 @@ def has_class_token(encoder: Any) -> bool:
 
 
 def build_model(recipe: Any) -> DualEncoder:
-    """Build the dual encoder a recipe describes (a recipe object, or anything ``load_recipe`` accepts).
+    """Build the dual encoder a validated recipe describes (:func:`sparc_kit.load_recipe`).
 
     The text tower's vocabulary size and context length default to the tokenizer section's, and the recipe's
     ``model.attention`` switch is passed to every native encoder that has an ``attention`` parameter (timm
     encoders keep their own attention). A ``cls`` pooler on a tower without a class token is refused here,
     before any training, rather than at the first forward.
     """
-    from sparc_kit.config import load_recipe
-
-    if not hasattr(recipe, "model"):
-        recipe = load_recipe(recipe)
+    require_recipe(recipe, "build_model")
     m = recipe.model
     available = {
         "attention": m.attention,
@@ -66,19 +64,17 @@ def build_model(recipe: Any) -> DualEncoder:
     }
 
     def build(registry, spec, **more):
-        entry = registry.get(spec.name)
-        offered = {**available, **more}
-        return entry.build(spec, **{k: v for k, v in offered.items() if k in entry.internal})
+        return registry.get(spec.name).build(spec, offer={**available, **more})
 
     vision = build(vision_encoders, m.vision)
     text_tower = build(text_encoders, m.text)
     if m.image_pooler.name == "cls" and not has_class_token(vision):
-        raise ValueError(
+        raise RecipeError([
             f"model.image_pooler: 'cls' needs a class token and vision encoder {m.vision.name!r} has none "
             "(vit: set model.vision.class_token=true; timm: a model with a class token; or use mean)"
-        )
+        ])
     if m.text_pooler.name == "cls":
-        raise ValueError("model.text_pooler: 'cls' needs a class token and text towers have none (use mean or last)")
+        raise RecipeError(["model.text_pooler: 'cls' needs a class token and text towers have none (use mean or last)"])
     model = DualEncoder(
         vision=vision,
         text=text_tower,

@@ -28,13 +28,13 @@ class BackendUnavailableError(SparcError, RuntimeError):
     """An attention backend that cannot run in this environment."""
 
 
-@attention_backends.register("sdpa", internal=_KERNEL_ARGS)
+@attention_backends.register("sdpa", supplied=_KERNEL_ARGS)
 def sdpa_attention(q, k, v, mask):
     """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math, chosen by torch)."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-@attention_backends.register("math", internal=_KERNEL_ARGS)
+@attention_backends.register("math", supplied=_KERNEL_ARGS)
 def math_attention(q, k, v, mask):
     """Explicit softmax(QK^T / sqrt(d)) V in float32: slow, the reference the fused kernels are checked against."""
     dtype = q.dtype
@@ -45,7 +45,7 @@ def math_attention(q, k, v, mask):
     return (scores.softmax(dim=-1) @ v).to(dtype)
 
 
-@attention_backends.register("xformers", internal=_KERNEL_ARGS)
+@attention_backends.register("xformers", supplied=_KERNEL_ARGS)
 def xformers_attention(q, k, v, mask):
     """xformers.ops.memory_efficient_attention; needs the ``xformers`` extra and a CUDA device."""
     try:

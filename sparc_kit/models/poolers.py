@@ -63,7 +63,7 @@ def last_token_index(mask: torch.Tensor | None, n: int, batch: int, device: torc
     return torch.where(mask.bool(), positions, -1).amax(dim=1).clamp_min(0)
 
 
-@poolers.register("mean", internal=("width",))
+@poolers.register("mean", supplied=("width",))
 class MeanPooler(nn.Module):
     """Masked mean over real positions: SPARC's average pooling for both towers (padding excluded)."""
 
@@ -84,7 +84,7 @@ CLS_ADVICE = (
 )
 
 
-@poolers.register("cls", internal=("width",))
+@poolers.register("cls", supplied=("width",))
 class ClsPooler(nn.Module):
     """The encoder's class token as the global feature (CLIP / timm ViT style).
 
@@ -102,7 +102,7 @@ class ClsPooler(nn.Module):
         return cls_token
 
 
-@poolers.register("last", internal=("width",))
+@poolers.register("last", supplied=("width",))
 class LastTokenPooler(nn.Module):
     """The feature at the last real position of each row.
 
@@ -121,7 +121,7 @@ class LastTokenPooler(nn.Module):
         return x[torch.arange(b, device=x.device), idx]  # [B, W]
 
 
-@poolers.register("max", internal=("width",))
+@poolers.register("max", supplied=("width",))
 class MaxPooler(nn.Module):
     """Per-channel max over real positions (padding excluded); zeros for an all-padding row."""
 
@@ -132,7 +132,7 @@ class MaxPooler(nn.Module):
         return masked_max(x, mask)
 
 
-@poolers.register("attention", internal=("width",))
+@poolers.register("attention", supplied=("width",))
 class AttentionPooler(nn.Module):
     """A learned query attending over the real positions (the attentional pooler of CoCa / SigLIP's MAP head).
 

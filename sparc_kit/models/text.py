@@ -27,7 +27,7 @@ __all__ = ["TextTransformer"]
 
 @text_encoders.register(
     "transformer",
-    internal=("vocab_size", "context_length", "attention", "grad_checkpointing"),
+    supplied=("vocab_size", "context_length", "attention", "grad_checkpointing"),
     check=check_text_transformer,
 )
 class TextTransformer(nn.Module):

@@ -88,7 +88,7 @@ def _square(value: Any, what: str, model_name: str) -> int:
     return int(a)
 
 
-@vision_encoders.register("timm", internal=("grad_checkpointing",))
+@vision_encoders.register("timm", supplied=("grad_checkpointing",))
 class TimmVisionEncoder(nn.Module):
     """Any timm ViT-family model by name; weights from a file (never downloaded), timm's own attention.
 

@@ -27,7 +27,7 @@ def check_vit(recipe: Any, path: str) -> list[str]:
     return problems + divisibility_problems(path, v.width, v.heads)
 
 
-@vision_encoders.register("vit", internal=("attention", "grad_checkpointing"), check=check_vit)
+@vision_encoders.register("vit", supplied=("attention", "grad_checkpointing"), check=check_vit)
 class VisionTransformer(nn.Module):
     """Pre-LN ViT. ``forward_features`` returns ``{"patch_tokens": [B, P, W], "cls_token": [B, W] | None}``.
 

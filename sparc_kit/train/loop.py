@@ -32,7 +32,8 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from sparc_kit.config import dump_recipe, load_recipe
+from sparc_kit.config import dump_recipe
+from sparc_kit.errors import require_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
 from sparc_kit.errors import RunError
@@ -142,7 +143,7 @@ class TrainResult:
 def build_engine(recipe: Any) -> Engine:
     """The recipe's engine, told the device and precision of the ``train`` section."""
     return engines.get(recipe.engine.name).build(
-        recipe.engine, device=recipe.train.device, precision=recipe.train.precision
+        recipe.engine, offer={"device": recipe.train.device, "precision": recipe.train.precision}
     )
 
 
@@ -425,8 +426,7 @@ def train(
     update is applied. The run folder is locked for the duration (:class:`RunFolderBusyError` for a second
     trainer).
     """
-    if not hasattr(recipe, "model"):
-        recipe = load_recipe(recipe)
+    require_recipe(recipe, "train")
     engine = build_engine(recipe)  # fails before the run folder is touched (e.g. DeepSpeed not installed)
     try:
         engine.start()
