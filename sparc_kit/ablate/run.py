@@ -31,7 +31,10 @@ from sparc_kit.train import (
     train,
 )
 
-__all__ = ["SweepOutcome", "run_sweep"]
+__all__ = ["SweepOutcome", "run_sweep", "CHILD"]
+
+#: the module each point of a parallel sweep runs as (``python -m CHILD RECIPE_FILE RUN_DIR``): :mod:`.child`
+CHILD = "sparc_kit.ablate.child"
 
 
 @dataclass
@@ -68,7 +71,8 @@ def run_sweep(
     """Train every point that is not finished, in order; a rerun skips finished points and resumes partial ones.
 
     ``jobs == 1`` trains in this process (``train_fn``, default :func:`sparc_kit.train.train`); ``jobs > 1`` runs
-    that many ``sparc train ... --quiet`` processes side by side, each with ``cpu_count // jobs`` torch threads,
+    that many child processes side by side (``python -m sparc_kit.ablate.child``, :mod:`sparc_kit.ablate.child`),
+    each with ``cpu_count // jobs`` torch threads and this process's environment (``SPARC_PLUGINS`` included),
     logging to ``RUN/train.log``. A failing point (non-finite loss, ...) is recorded and the others still run;
     Ctrl-C stops the sweep after checkpointing the points in flight (``interrupted``).
     """
@@ -124,7 +128,7 @@ def _run_subprocesses(sweep, todo, outcome, jobs, say) -> None:
         os.makedirs(point.run_dir, exist_ok=True)
         recipe_path = os.path.join(point.run_dir, ".ablate_recipe.yaml")
         atomic_write(recipe_path, dump_recipe(point.recipe))
-        cmd = [sys.executable, "-m", "sparc_cli.main", "train", recipe_path, "--out", point.run_dir, "--quiet"]
+        cmd = [sys.executable, "-m", CHILD, recipe_path, point.run_dir]
         with lock:
             if stop.is_set():
                 return point, None
