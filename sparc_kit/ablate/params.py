@@ -2,7 +2,15 @@
 exact text of a value.
 
 A parameter is a dotted recipe path (``loss.lambda_f``) or a short name that matches the end of exactly one path
-(``lambda_f``, ``vision.width``). Without values it sweeps its default grid (:func:`default_values`).
+(``lambda_f``, ``vision.width``). Without values it sweeps its default grid (:func:`default_values`), which a
+component declares on its own parameter, in the signature its config model is derived from (``json_schema_extra``
+of a pydantic ``Field``)::
+
+    lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0
+
+and, for values relative to the patch count P, with a unit: ``{"ablate_grid": [0.0, 0.5, 1.0, 2.0, 4.0],
+"ablate_grid_unit": "1/num_patches"}`` is 0, 0.5/P, 1/P, 2/P, 4/P. A user's plugin loss declares the grids of its
+own parameters the same way.
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import yaml
@@ -22,12 +30,21 @@ from sparc_kit.registry import get_registry, vision_encoders
 
 __all__ = [
     "AblationError",
+    "GRID_KEY",
+    "GRID_UNIT_KEY",
+    "GRID_UNITS",
     "parameter_paths",
     "resolve_param",
     "num_patches",
     "default_values",
     "parse_vary",
 ]
+
+
+#: the ``json_schema_extra`` key of a field that holds its default ablation grid
+GRID_KEY = "ablate_grid"
+#: the ``json_schema_extra`` key that gives the grid's unit (absent: the values are the values)
+GRID_UNIT_KEY = "ablate_grid_unit"
 
 
 class AblationError(SparcError, ValueError):
@@ -151,25 +168,46 @@ def num_patches(recipe: BaseModel) -> int:
     return int(count)
 
 
-def default_values(recipe: BaseModel, path: str) -> list[Any]:
-    """The grid a parameter sweeps when ``--vary`` gives no values.
+#: the units a declared grid may be given in, each the divisor of the grid's values for a recipe
+GRID_UNITS: dict[str, Callable[[BaseModel], float]] = {"1/num_patches": num_patches}
 
-    - ``loss.sparsity_threshold``: 0, 0.5/P, 1/P, 2/P, 4/P with P the recipe's patch count (the paper's 1/P in
-      the middle, so it follows image and patch size);
-    - ``loss.lambda_f``: the paper's 0.5, 1, 5, 10;
-    - ``loss.weighting``: sparse, dense, softmax;
+
+def grid_declaration(recipe: BaseModel, path: str) -> tuple[list[Any] | None, str | None]:
+    """(grid, unit) as the field at ``path`` declares them (``json_schema_extra``), each None when it does not."""
+    extra = _field(recipe, path).json_schema_extra
+    if not isinstance(extra, dict):
+        return None, None
+    grid = extra.get(GRID_KEY)
+    return (None if grid is None else list(grid)), extra.get(GRID_UNIT_KEY)
+
+
+def default_values(recipe: BaseModel, path: str) -> list[Any]:
+    """The grid a parameter sweeps when ``--vary`` gives no values, the first of:
+
+    - the grid its field declares (``ablate_grid`` in the field's ``json_schema_extra``, e.g. on a loss's
+      ``__init__`` argument), divided by its ``ablate_grid_unit`` when it has one: ``"1/num_patches"`` makes the
+      built-in ``loss.sparsity_threshold`` grid 0, 0.5/P, 1/P, 2/P, 4/P with P the recipe's patch count (the
+      paper's 1/P in the middle, so it follows image and patch size); ``loss.lambda_f`` declares the paper's
+      0.5, 1, 5, 10;
     - a component's ``name``: every registered component of that kind;
-    - any Literal or bool parameter: its choices.
+    - any Literal or bool parameter: its choices (``loss.weighting``: sparse, dense, softmax).
 
     Anything else raises :class:`AblationError` asking for values.
     """
-    if path == "loss.sparsity_threshold":
-        p = num_patches(recipe)
-        return [0.0, 0.5 / p, 1.0 / p, 2.0 / p, 4.0 / p]
-    if path == "loss.lambda_f":
-        return [0.5, 1.0, 5.0, 10.0]
-    if path == "loss.weighting":
-        return ["sparse", "dense", "softmax"]
+    grid, unit = grid_declaration(recipe, path)
+    if grid is None and path == "loss.sparsity_threshold":  # until the loss declares it
+        grid, unit = [0.0, 0.5, 1.0, 2.0, 4.0], "1/num_patches"
+    if grid is None and path == "loss.lambda_f":
+        grid = [0.5, 1.0, 5.0, 10.0]
+    if grid is not None:
+        if unit is None:
+            return grid
+        if unit not in GRID_UNITS:
+            raise AblationError(
+                [f"--vary {path}: its {GRID_UNIT_KEY} {unit!r} is not one of {', '.join(GRID_UNITS)}; give values"]
+            )
+        divisor = GRID_UNITS[unit](recipe)
+        return [float(v) / divisor for v in grid]
     parent, _, leaf = path.rpartition(".")
     if leaf == "name" and parent in COMPONENT_SECTIONS:
         return list(get_registry(COMPONENT_SECTIONS[parent]).names())

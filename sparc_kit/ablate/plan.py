@@ -23,6 +23,7 @@ from sparc_kit.ablate.params import (
     AblationError,
     default_values,
     get_value,
+    grid_declaration,
     num_patches,
     parse_vary,
     resolve_param,
@@ -207,7 +208,9 @@ def plan_sweep(
         params.append(Param(path=path, key=key, values=values, labels=safe, texts=kept))
     if problems:
         raise AblationError(problems)
-    if "loss.sparsity_threshold" in [p.path for p in params]:
+    if any(grid_declaration(base, p.path)[1] == "1/num_patches" for p in params) or (
+        "loss.sparsity_threshold" in [p.path for p in params]  # until the loss declares its grid's unit
+    ):  # the report names P
         patches = patches or num_patches(base)
 
     seed_list = list(range(seeds)) if seeds is not None else [int(base.train.seed)]
