@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 
 from sparc_kit.losses.diagnostics import diagnostics_enabled
 from sparc_kit.losses.functional import average_denominator, sparc_alignment_weights, sparc_fine_grained_loss, wide
@@ -39,8 +40,11 @@ class SparcLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 0.5,
-        lambda_f: float = 1.0,
-        sparsity_threshold: float | None = None,
+        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        sparsity_threshold: Annotated[
+            float | None,
+            Field(json_schema_extra={"ablate_grid": [0.0, 0.5, 1.0, 2.0, 4.0], "ablate_grid_unit": "1/num_patches"}),
+        ] = None,
         average: Literal["token", "caption"] = "token",
         weighting: Literal["sparse", "dense", "softmax"] = "sparse",
         global_loss: GlobalLossName = "clip",
