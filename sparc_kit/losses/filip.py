@@ -5,8 +5,11 @@ Shapes: B batch, P patches, L tokens, D embedding width; ``token_mask`` [B, L] i
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
@@ -100,7 +103,7 @@ class FilipLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 0.0,
-        lambda_f: float = 1.0,
+        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
         token_drop: float = 0.2,
         global_loss: GlobalLossName = "clip",
         local_loss: bool = True,

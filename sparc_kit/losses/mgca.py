@@ -8,12 +8,12 @@ real tokens.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
@@ -188,7 +188,7 @@ class MgcaLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 1.0,
-        lambda_f: float = 1.0,
+        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
         attn_dim: int = 128,
         embed_dim: int | None = None,
         average: Literal["token", "caption"] = "caption",
