@@ -21,9 +21,17 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+# the component packages: importing them registers the built-in components the schema is built from
+import sparc_kit.data  # noqa: F401
+import sparc_kit.engines  # noqa: F401
+import sparc_kit.evaluate  # noqa: F401
+import sparc_kit.losses  # noqa: F401
+import sparc_kit.models  # noqa: F401
 from sparc_kit import registry as reg
+from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url
 from sparc_kit.errors import RecipeError
 from sparc_kit.evaluate.spec import EvalConfig
+from sparc_kit.plugins import PluginError, ensure_plugins
 
 __all__ = [
     "RecipeError",
@@ -112,15 +120,8 @@ def _registry_versions() -> tuple[int, ...]:
 
 
 def _ensure_components() -> None:
-    """Import the built-in component modules so they register themselves, then the plugins (the
-    ``sparc_kit.plugins`` entry points and ``SPARC_PLUGINS``; :mod:`sparc_kit.plugins`)."""
-    import sparc_kit.data  # noqa: F401
-    import sparc_kit.engines  # noqa: F401
-    import sparc_kit.losses  # noqa: F401
-    import sparc_kit.models  # noqa: F401
-    import sparc_kit.evaluate  # noqa: F401
-    from sparc_kit.plugins import PluginError, ensure_plugins
-
+    """Load the plugins (the ``sparc_kit.plugins`` entry points and ``SPARC_PLUGINS``; :mod:`sparc_kit.plugins`);
+    the built-in components registered themselves when this module imported their packages."""
     try:
         ensure_plugins()
     except PluginError as exc:
@@ -195,8 +196,6 @@ def builtin_recipes() -> dict[str, str]:
 
 def resolve_recipe_path(spec: str) -> str:
     """A path or URL that exists, or the name of a built-in recipe (``sparc_tiny``)."""
-    from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url
-
     try:
         check_url(spec, "recipe")  # gs:// without gcsfs: one line, not fsspec's ImportError
     except FilesystemUnavailableError as exc:

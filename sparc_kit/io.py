@@ -19,10 +19,30 @@ from typing import IO, Any, Iterator
 
 from sparc_kit.errors import SparcError
 
-__all__ = ["atomic_open", "atomic_write", "load_torch_file", "WeightsFileError", "TMP_PREFIX"]
+__all__ = ["atomic_path", "atomic_open", "atomic_write", "load_torch_file", "WeightsFileError", "TMP_PREFIX"]
 
 #: every temporary name the package writes starts with this; a clean-up of a folder may remove such leftovers
 TMP_PREFIX = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """``with atomic_path(path) as tmp: writer(tmp)``: a temporary name beside ``path`` for a writer that takes a
+    file name (safetensors, torch.save), renamed onto ``path`` when the block ends without an error (permissions
+    0644); on an error the temporary file is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.path.basename(path)}-")
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 @contextlib.contextmanager
@@ -32,19 +52,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     temporary file is removed and ``path`` is untouched. ``mode`` is ``"w"`` or ``"wb"``."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode {mode!r}; use 'w' or 'wb'")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.path.basename(path)}-")
-    try:
-        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as f:
-            yield f
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding if "b" not in mode else None) as f:
+        yield f
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:

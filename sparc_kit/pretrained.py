@@ -18,17 +18,29 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
 
+from sparc_kit.checkpoint import (
+    CHECKPOINTS,
+    MODEL_WEIGHTS,
+    RECIPE,
+    STATE,
+    TOKENIZER,
+    latest_checkpoint,
+    load_model_weights,
+    step_of_folder,
+)
+from sparc_kit.config import load_recipe
+from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.transforms import EvalTransform, model_image_size, transform_for  # re-exported: their earlier home
-from sparc_kit.errors import SparcError
+from sparc_kit.engines.base import resolve_device
+from sparc_kit.errors import RecipeError, SparcError
 from sparc_kit.io import WeightsFileError, load_torch_file  # re-exported: their earlier home
+from sparc_kit.models import build_model
 
 __all__ = [
     "load_pretrained",
@@ -40,9 +52,6 @@ __all__ = [
     "load_torch_file",
     "WeightsFileError",
 ]
-
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
 
 class PretrainedError(SparcError, ValueError):
     """A path that does not hold a loadable model (no checkpoint, no recipe, no tokenizer)."""
@@ -66,8 +75,6 @@ class Pretrained:
 
 def _resolve(target: str) -> tuple[str, str]:
     """(weights file, folder holding recipe.yaml) for a run folder, checkpoint folder or .safetensors file."""
-    from sparc_kit.train.checkpoint import latest_checkpoint
-
     path = os.path.abspath(os.path.expanduser(str(target)))
     if not os.path.exists(path):
         raise PretrainedError(f"{target}: no such run folder, checkpoint folder or .safetensors file")
@@ -75,17 +82,17 @@ def _resolve(target: str) -> tuple[str, str]:
         if not path.endswith(".safetensors"):
             raise PretrainedError(f"{target}: expected a run folder, a checkpoint folder or a .safetensors file")
         return path, _recipe_home(os.path.dirname(path), target)
-    if os.path.basename(path) == "checkpoints" and os.path.exists(os.path.join(os.path.dirname(path), "recipe.yaml")):
+    if os.path.basename(path) == CHECKPOINTS and os.path.exists(os.path.join(os.path.dirname(path), RECIPE)):
         path = os.path.dirname(path)
-    if os.path.exists(os.path.join(path, "model.safetensors")):  # a checkpoint folder
-        return os.path.join(path, "model.safetensors"), _recipe_home(path, target)
-    if os.path.exists(os.path.join(path, "recipe.yaml")):  # a run folder
-        ckpt = latest_checkpoint(os.path.join(path, "checkpoints"))
+    if os.path.exists(os.path.join(path, MODEL_WEIGHTS)):  # a checkpoint folder
+        return os.path.join(path, MODEL_WEIGHTS), _recipe_home(path, target)
+    if os.path.exists(os.path.join(path, RECIPE)):  # a run folder
+        ckpt = latest_checkpoint(os.path.join(path, CHECKPOINTS))
         if ckpt is None:
             raise PretrainedError(
                 f"{target}: run folder has no complete checkpoint under checkpoints/ (train it first)"
             )
-        return os.path.join(ckpt, "model.safetensors"), path
+        return os.path.join(ckpt, MODEL_WEIGHTS), path
     raise PretrainedError(
         f"{target}: not a run folder (no recipe.yaml) nor a checkpoint folder (no model.safetensors)"
     )
@@ -93,26 +100,24 @@ def _resolve(target: str) -> tuple[str, str]:
 
 def _recipe_home(folder: str, target: str) -> str:
     for candidate in (folder, os.path.dirname(os.path.dirname(folder))):
-        if os.path.exists(os.path.join(candidate, "recipe.yaml")):
+        if os.path.exists(os.path.join(candidate, RECIPE)):
             return candidate
     raise PretrainedError(f"{target}: no recipe.yaml beside the weights nor in the run folder two levels up")
 
 
 def _step_of(weights: str) -> int | None:
     folder = os.path.dirname(weights)
-    state = os.path.join(folder, "state.json")
+    state = os.path.join(folder, STATE)
     if os.path.exists(state):
         try:
             with open(state) as f:
                 return int(json.load(f)["step"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    match = _STEP_DIR.match(os.path.basename(folder))
-    if match:
-        return int(match.group(1))
+    step = step_of_folder(os.path.basename(folder))
+    if step is not None:
+        return step
     try:
-        from safetensors import safe_open
-
         with safe_open(weights, "pt") as f:
             step = (f.metadata() or {}).get("step")
         return int(step) if step is not None else None
@@ -127,26 +132,19 @@ def load_pretrained(run_or_checkpoint: str | os.PathLike, device: str | torch.de
     tokenizer is the run's ``tokenizer.model`` (else the recipe's ``tokenizer.path``) with the recipe's context
     length and casing; ``transform`` maps a PIL image or uint8 tensor to the model's normalised input.
     """
-    from sparc_kit.config import RecipeError, load_recipe
-    from sparc_kit.data.tokenizer import Tokenizer
-    from sparc_kit.models import build_model
-    from sparc_kit.train.checkpoint import load_model_weights
-
-    from sparc_kit.engines.base import resolve_device
-
     try:
         device = resolve_device(device, field="device")
     except ValueError as exc:
         raise PretrainedError(str(exc)) from None
     weights, home = _resolve(str(run_or_checkpoint))
-    recipe_path = os.path.join(home, "recipe.yaml")
+    recipe_path = os.path.join(home, RECIPE)
     try:
         recipe = load_recipe(recipe_path)
     except RecipeError as exc:
         raise PretrainedError(f"{recipe_path}: not a valid recipe: {exc.problems[0]}") from None
     t = recipe.tokenizer
     tokenizer_path = next(
-        (p for p in (os.path.join(os.path.dirname(weights), "tokenizer.model"), os.path.join(home, "tokenizer.model"))
+        (p for p in (os.path.join(os.path.dirname(weights), TOKENIZER), os.path.join(home, TOKENIZER))
          if os.path.exists(p)),
         t.path,
     )

@@ -785,7 +785,7 @@ def test_sparc_siglip_bias_written_under_its_earlier_name_still_loads(tmp_path):
     loss.safetensors of that time loads into the same parameter, strictly, with its value."""
     from safetensors.torch import save_file
 
-    from sparc_kit.train.checkpoint import load_model_weights
+    from sparc_kit.checkpoint import load_model_weights
 
     path = tmp_path / "loss.safetensors"
     save_file({"siglip.bias": torch.tensor(-4.25)}, str(path))

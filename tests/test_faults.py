@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 import sparc_kit
 from sparc_kit.engines import LocalEngine, OptimizerSpec, param_groups
 from sparc_kit.train import latest_checkpoint, load_checkpoint, lr_factor, read_metrics, train
-from sparc_kit.train.checkpoint import ResumeWarning
+from sparc_kit.checkpoint import ResumeWarning
 from test_train import MICRO, Interrupt, assert_same_weights, micro_recipe, weights
 
 _spec = importlib.util.spec_from_file_location("sigkill", Path(__file__).resolve().parent / "stress" / "sigkill.py")

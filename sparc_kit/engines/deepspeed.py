@@ -25,6 +25,7 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.nn as nn
 
+from sparc_kit.checkpoint import DEEPSPEED, weights_file, write_safetensors
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
 from sparc_kit.io import load_torch_file
 from sparc_kit.registry import engines
@@ -32,7 +33,7 @@ from sparc_kit.registry import engines
 __all__ = ["DeepSpeedEngine", "deepspeed_config", "check_recipe", "consolidate_zero_checkpoint", "DS_TAG"]
 
 DS_TAG = "state"  # the tag of DeepSpeed's checkpoint inside a step folder: step_N/deepspeed/state/
-DS_FOLDER = "deepspeed"
+DS_FOLDER = DEEPSPEED
 
 
 def _deepspeed_safe_globals() -> list[Any]:
@@ -520,9 +521,7 @@ def consolidate_zero_checkpoint(checkpoint: str, out_file: str | None = None) ->
         if head in parts:
             parts[head][rest] = value.detach().float().contiguous()
     if out_file is not None:
-        from sparc_kit.train.checkpoint import write_safetensors
-
         write_safetensors(out_file, parts["model"])
         if parts["loss"]:
-            write_safetensors(os.path.join(os.path.dirname(out_file) or ".", "loss.safetensors"), parts["loss"])
+            write_safetensors(os.path.join(os.path.dirname(out_file) or ".", weights_file("loss")), parts["loss"])
     return parts

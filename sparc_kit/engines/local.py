@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from sparc_kit.checkpoint import load_module_weights
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec, resolve_device
 from sparc_kit.registry import engines
 
@@ -87,8 +88,6 @@ class LocalEngine(Engine):
         return {"optimizer": self.optimizer.state_dict()} if self.is_main else {}
 
     def load(self, folder: str, trainer_state: dict[str, Any]) -> None:
-        from sparc_kit.train.checkpoint import load_module_weights
-
         load_module_weights(self.unwrap(), folder)
         self.optimizer.load_state_dict(trainer_state["optimizer"])
 

@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from sparc_kit.losses.distributed import batch_share
+
 __all__ = [
     "clip_loss",
     "sparc_alignment_weights",
@@ -125,8 +127,6 @@ def average_denominator(token_mask: torch.Tensor, average: Average = "token") ->
     (``"token"``) or of captions with at least one real token (``"caption"``), as this process's share of the
     global batch when there are several processes (:func:`~sparc_kit.losses.distributed.batch_share`), so the
     mean over processes is the mean over the global batch. Never 0 (the sum is then 0 too)."""
-    from sparc_kit.losses.distributed import batch_share
-
     mask = token_mask.bool()
     if average == "token":
         count = mask.sum()

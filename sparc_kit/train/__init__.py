@@ -1,6 +1,6 @@
 """Training: the loop, checkpoints and schedules."""
 
-from sparc_kit.train.checkpoint import (
+from sparc_kit.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model_weights,

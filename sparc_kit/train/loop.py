@@ -8,7 +8,7 @@
 - ``metrics.jsonl``: one JSON object per logged step (``step``, ``loss``, the loss terms and diagnostics,
   ``lr``, ``grad_norm``, ``samples_per_s``, ``samples_seen``, ``skipped_samples``, ``truncated_captions``,
   ``elapsed_s``, and ``eval/NAME/METRIC`` at the steps the recipe's evaluations run);
-- ``checkpoints/step_N/``: see :mod:`sparc_kit.train.checkpoint`.
+- ``checkpoints/step_N/``: see :mod:`sparc_kit.checkpoint`.
 
 The loop keeps one :class:`~sparc_kit.train.state.TrainState` and calls one
 :func:`~sparc_kit.train.step.train_step` per step; everything about devices and processes is the engine's
@@ -44,7 +44,7 @@ from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines
-from sparc_kit.train.checkpoint import (
+from sparc_kit.checkpoint import (
     WRITE_DELAY_ENV,
     ResumeWarning,
     latest_checkpoint,
