@@ -195,10 +195,6 @@ def default_values(recipe: BaseModel, path: str) -> list[Any]:
     Anything else raises :class:`AblationError` asking for values.
     """
     grid, unit = grid_declaration(recipe, path)
-    if grid is None and path == "loss.sparsity_threshold":  # until the loss declares it
-        grid, unit = [0.0, 0.5, 1.0, 2.0, 4.0], "1/num_patches"
-    if grid is None and path == "loss.lambda_f":
-        grid = [0.5, 1.0, 5.0, 10.0]
     if grid is not None:
         if unit is None:
             return grid

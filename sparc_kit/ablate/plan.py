@@ -208,9 +208,7 @@ def plan_sweep(
         params.append(Param(path=path, key=key, values=values, labels=safe, texts=kept))
     if problems:
         raise AblationError(problems)
-    if any(grid_declaration(base, p.path)[1] == "1/num_patches" for p in params) or (
-        "loss.sparsity_threshold" in [p.path for p in params]  # until the loss declares its grid's unit
-    ):  # the report names P
+    if any(grid_declaration(base, p.path)[1] == "1/num_patches" for p in params):  # the plan and report name P
         patches = patches or num_patches(base)
 
     seed_list = list(range(seeds)) if seeds is not None else [int(base.train.seed)]
