@@ -1,4 +1,5 @@
-"""Data: datasets (registered), image transforms, the tokenizer, and the batch pipeline."""
+"""Data: datasets (registered), the readers of the stored formats they share with evaluation (``sources``), image
+transforms, the tokenizer, and the batch pipeline."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sparc_kit.data.loader import Collate, Loader, ResumableBatchSampler, make_loader
 from sparc_kit.data.manifest import ManifestDataset, ManifestError  # registers "manifest"
+from sparc_kit.data.sources import expand_urls
 from sparc_kit.data.synthetic import SyntheticShapes  # registers "synthetic"
 from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.transforms import BadImageError, ImageTransform
-from sparc_kit.data.webdataset import ShardError, WebDataset, expand_urls  # registers "webdataset"
+from sparc_kit.data.webdataset import ShardError, WebDataset  # registers "webdataset"
 from sparc_kit.registry import datasets
 
 __all__ = [

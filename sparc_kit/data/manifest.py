@@ -1,5 +1,8 @@
 """A manifest dataset: one line per image (JSONL or CSV) with its caption or captions, read through fsspec.
 
+The file is read by :func:`sparc_kit.data.sources.read_manifest_rows` and image paths are joined by
+:func:`~sparc_kit.data.sources.join_path`, the same readers the evaluation sets use.
+
 ::
 
     {"image": "val2017/000000427034.jpg", "captions": ["a cat on a sofa", "a sleeping cat"]}
@@ -18,119 +21,28 @@ line at all is an error.
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import posixpath
 import random
 import warnings
 from typing import Any, Iterator, Literal
 
-import fsspec
 from torch.utils.data import Dataset
 
-from sparc_kit.data.filesystems import check_url, filesystem
+from sparc_kit.data.filesystems import check_url
+from sparc_kit.data.sources import (
+    ManifestError,
+    Opener,
+    folder_of,
+    is_url,
+    join_path,
+    manifest_format,
+    read_manifest_rows,
+    row_captions,
+)
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
-from sparc_kit.errors import SparcError
 from sparc_kit.registry import datasets
 
+# the manifest readers live in sparc_kit.data.sources (shared with the evaluation sets); named here too
 __all__ = ["ManifestDataset", "ManifestError", "read_manifest_rows", "is_url", "join_path"]
-
-_COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
-
-
-class ManifestError(SparcError, ValueError):
-    """The manifest as a whole is unusable (missing, unreadable, or no line has the needed keys)."""
-
-
-def is_url(path: str) -> bool:
-    return "://" in path
-
-
-def join_path(root: str, path: str) -> str:
-    """``path`` if absolute or a URL, else ``root/path`` (URL-aware)."""
-    if is_url(path) or os.path.isabs(path):
-        return path
-    if is_url(root):
-        return root.rstrip("/") + "/" + path
-    return os.path.join(root, path)
-
-
-def _parent(path: str) -> str:
-    if is_url(path):
-        return posixpath.dirname(path.rstrip("/"))
-    return os.path.dirname(os.path.abspath(path))
-
-
-def manifest_format(path: str, fmt: str = "auto") -> str:
-    if fmt != "auto":
-        if fmt not in ("jsonl", "csv"):
-            raise ManifestError(f"manifest format must be jsonl, csv or auto, got {fmt!r}")
-        return fmt
-    name = path.lower()
-    for suffix in _COMPRESSIONS:
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    if name.endswith(".csv") or name.endswith(".tsv"):
-        return "csv"
-    if name.endswith(".jsonl") or name.endswith(".json") or name.endswith(".ndjson"):
-        return "jsonl"
-    raise ManifestError(f"manifest {path}: cannot tell the format from the extension; set format: jsonl or csv")
-
-
-def read_manifest_rows(
-    path: str, fmt: str = "auto", storage_options: dict | None = None, field: str = "data.path"
-) -> Iterator[tuple[int, dict | None, str | None]]:
-    """``(line_number, row, error)`` for each non-blank line; ``row`` is None when the line is unusable.
-    ``field`` names the setting in the error for a URL whose filesystem package is missing."""
-    fmt = manifest_format(path, fmt)
-    check_url(path, field)
-    try:
-        f = fsspec.open(path, "rt", encoding="utf-8", compression="infer", **(storage_options or {})).open()
-    except FileNotFoundError:
-        raise ManifestError(f"manifest not found: {path}") from None
-    except Exception as exc:
-        raise ManifestError(f"cannot open manifest {path}: {exc}") from None
-    with f:
-        try:
-            if fmt == "jsonl":
-                for number, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        yield number, None, f"not valid JSON ({exc.msg})"
-                        continue
-                    if not isinstance(row, dict):
-                        yield number, None, f"not a JSON object but {type(row).__name__}"
-                        continue
-                    yield number, row, None
-            else:
-                delimiter = "\t" if path.lower().split(".")[-1] == "tsv" else ","
-                reader = csv.DictReader(f, delimiter=delimiter)
-                for row in reader:
-                    number = reader.line_num
-                    if None in row:  # more cells than header columns
-                        yield number, None, "more cells than the header has columns"
-                        continue
-                    yield number, dict(row), None
-        except UnicodeDecodeError as exc:
-            raise ManifestError(f"manifest {path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-
-
-def _parse_captions(value: Any) -> list[Any]:
-    """A captions cell: a list, or (CSV) a JSON list in a string."""
-    if isinstance(value, str):
-        text = value.strip()
-        if text.startswith("["):
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError:
-                return [value]
-        else:
-            return [value]
-    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 @datasets.register("manifest")
@@ -167,7 +79,7 @@ class ManifestDataset(Dataset):
         self.image_key = image_key
         self.caption_key = caption_key
         self.captions_key = captions_key
-        self.image_root = image_root if image_root is not None else _parent(path)
+        self.image_root = image_root if image_root is not None else folder_of(path)
         self.format = manifest_format(path, format)
         self.image_size = image_size
         self.seed = seed
@@ -181,9 +93,8 @@ class ManifestDataset(Dataset):
         self.keys: list[str] = []
         self.extras: list[dict[str, Any]] = []
         self.bad_rows: list[tuple[int, str]] = []  # (line number, reason) of lines dropped at load time
+        self._opener = Opener(self.storage_options, field=f"data.path (the images {path} lists)")
         self._load()
-        self._fs_cache: dict[str, Any] = {}
-        self._pid = os.getpid()
 
     # ------------------------------------------------------------------------------------------- loading
     def _load(self) -> None:
@@ -197,11 +108,8 @@ class ManifestDataset(Dataset):
             if not isinstance(image, str) or not image.strip():
                 self.bad_rows.append((number, f"no {self.image_key!r} path"))
                 continue
-            if self.captions_key in row and row[self.captions_key] not in (None, ""):
-                texts = _parse_captions(row[self.captions_key])
-            elif self.caption_key in row:
-                texts = [row[self.caption_key]]
-            else:
+            texts = row_captions(row, self.caption_key, self.captions_key)
+            if texts is None:
                 self.bad_rows.append((number, f"neither {self.caption_key!r} nor {self.captions_key!r}"))
                 continue
             self.images.append(image.strip())
@@ -216,7 +124,7 @@ class ManifestDataset(Dataset):
             if is_url(path):
                 schemes.setdefault(path.split("://", 1)[0], path)
         for url in schemes.values():
-            check_url(url, f"data.path (the images {self.path} lists)")
+            check_url(url, self._opener.field)
         if not self.images:
             if not lines:
                 raise ManifestError(f"manifest {self.path} is empty")
@@ -236,11 +144,6 @@ class ManifestDataset(Dataset):
     # --------------------------------------------------------------------------------------------- access
     def __len__(self) -> int:
         return len(self.images)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fs_cache"] = {}
-        return state
 
     def image_path(self, index: int) -> str:
         return join_path(self.image_root, self.images[index])
@@ -280,24 +183,8 @@ class ManifestDataset(Dataset):
                 yield text
                 count += 1
 
-    def _fs(self, url: str):
-        if os.getpid() != self._pid:  # a forked data-loader worker: filesystems are not fork-safe
-            self._fs_cache, self._pid = {}, os.getpid()
-        protocol = url.split("://", 1)[0] if is_url(url) else "file"
-        fs = self._fs_cache.get(protocol)
-        if fs is None:
-            fs = filesystem(url, self.storage_options, field=f"data.path (the images {self.path} lists)")
-            self._fs_cache[protocol] = fs
-        return fs
-
     def read_bytes(self, index: int) -> bytes:
-        path = self.image_path(index)
-        if not is_url(path):
-            with open(path, "rb") as f:
-                return f.read()
-        fs = self._fs(path)
-        with fs.open(path, "rb") as f:
-            return f.read()
+        return self._opener.read(self.image_path(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self.images)

@@ -10,9 +10,11 @@ part. No extra dependency either.
 The sample stream
 -----------------
 Shards come from ``urls`` (brace-expanded: ``shards/train-{000..127}.tar``; several patterns joined by
-``::``). Reading is split into ``slots = world_size * W`` (W = data-loader workers, 1 when reading
-in-process); slot ``rank * W + l`` is logical worker ``l`` of process ``rank``. Per slot, the stream is endless
-and is the concatenation of epochs ``e = 0, 1, ...``:
+``::``; fsspec chains such as ``simplecache::s3://...`` kept whole), read member by member with
+:func:`sparc_kit.data.sources.iter_tar`, the reader the evaluation sets use too. Reading is split into
+``slots = world_size * W`` (W = data-loader workers, 1 when reading in-process); slot ``rank * W + l`` is
+logical worker ``l`` of process ``rank``. Per slot, the stream is endless and is the concatenation of epochs
+``e = 0, 1, ...``:
 
 - shard order of epoch ``e``: a permutation of the shards seeded by ``(seed, e)``; slot ``s`` reads the shards
   at positions ``s, s + slots, ...`` of it. With fewer shards than slots, every slot reads all shards of the
@@ -46,129 +48,31 @@ epoch of a reader without one readable sample is a :class:`ShardError` (the stre
 
 from __future__ import annotations
 
-import io
 import itertools
 import json
 import logging
 import os
 import random
-import re
-import tarfile
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url, filesystem
+from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url
+from sparc_kit.data.sources import SHARD_ERROR, Opener, expand_urls, is_url, iter_tar, split_name, write_sample
 from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
 from sparc_kit.errors import SparcError
 from sparc_kit.registry import datasets
 
-__all__ = ["WebDataset", "expand_urls", "iter_tar", "ShardError", "write_sample"]
+# the shard readers live in sparc_kit.data.sources (shared with the evaluation sets); named here too
+__all__ = ["WebDataset", "expand_urls", "iter_tar", "split_name", "ShardError", "write_sample"]
 
 log = logging.getLogger(__name__)
 
-_ERROR = "__error__"  # the key of a pseudo-sample that stands for a shard read error
+_ERROR = SHARD_ERROR  # the key of a pseudo-sample that stands for a shard read error
 
 
 class ShardError(SparcError, ValueError):
     """The shard list is unusable (empty pattern, missing local shards)."""
-
-
-# ----------------------------------------------------------------------------------------------- shard names
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Brace expansion: ``a-{000..002}.tar`` -> 3 names (zero padding kept), ``{x,y}`` alternatives, ``::``
-    joins several patterns."""
-    if isinstance(urls, (list, tuple)):
-        return [u for item in urls for u in expand_urls(item)]
-    out: list[str] = []
-    for part in str(urls).split("::"):
-        part = part.strip()
-        if part:
-            out.extend(_expand_one(part))
-    return out
-
-
-def _expand_one(pattern: str) -> list[str]:
-    m = _BRACE.search(pattern)
-    if not m:
-        return [pattern]
-    head, inner, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
-    r = re.fullmatch(r"\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*", inner)
-    if r:
-        lo_s, hi_s = r.group(1), r.group(2)
-        lo, hi = int(lo_s), int(hi_s)
-        width = len(lo_s) if len(lo_s) == len(hi_s) else 0
-        step = 1 if hi >= lo else -1
-        options = [str(i).zfill(width) for i in range(lo, hi + step, step)]
-    elif "," in inner:
-        options = inner.split(",")
-    else:
-        options = ["{" + inner + "}"]  # not a pattern: keep the braces
-        return [head + options[0] + t for t in _expand_one(tail)]
-    return [x for opt in options for x in _expand_one(head + opt + tail)]
-
-
-# ------------------------------------------------------------------------------------------------ tar reading
-_NAME = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``): the key is everything before the basename's first dot."""
-    m = _NAME.match(name)
-    if not m:
-        return name, ""
-    return m.group(1), m.group(2).lower()
-
-
-def iter_tar(
-    fileobj,
-    keep: Callable[[int], bool] | None = None,
-    want: Callable[[str], bool] | None = None,
-) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` per sample of a tar stream, in file order (consecutive files of one key).
-
-    ``keep(j)`` says whether the ``j``-th sample's bytes are read (else its dict is empty: counted, not read);
-    ``want(ext)`` filters members. A read error mid-stream ends the shard with ``("__error__", {"error": msg})``.
-    """
-    key: str | None = None
-    files: dict[str, bytes] = {}
-    index = -1
-    reading = False
-    try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = split_name(member.name)
-                if k != key:
-                    if key is not None:
-                        yield key, files
-                    key, files, index = k, {}, index + 1
-                    reading = keep is None or keep(index)
-                if reading and (want is None or want(ext)):
-                    f = tar.extractfile(member)
-                    files[ext] = f.read() if f is not None else b""
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        if key is not None:
-            yield key, files
-            key = None
-        yield _ERROR, {"error": f"{type(exc).__name__}: {exc}".encode()}
-    if key is not None:
-        yield key, files
-
-
-def write_sample(tar: tarfile.TarFile, key: str, files: dict[str, bytes]) -> None:
-    """Append ``KEY.EXT`` members with fixed metadata (reproducible shards)."""
-    for ext, data in files.items():
-        info = tarfile.TarInfo(f"{key}.{ext}")
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o444
-        info.uname = info.gname = ""
-        tar.addfile(info, io.BytesIO(data))
 
 
 def _permute(items: list, rng: random.Random) -> list:
@@ -235,9 +139,9 @@ class WebDataset(IterableDataset):
         self.urls = expand_urls(urls)
         if not self.urls:
             raise ShardError(f"no shards in {urls!r}")
-        for url in {u.split("://", 1)[0]: u for u in self.urls if "://" in u}.values():  # one per scheme
+        for url in {u.split("://", 1)[0]: u for u in self.urls if is_url(u)}.values():  # one per scheme
             check_url(url, "data.urls")
-        missing = [u for u in self.urls if "://" not in u and not os.path.isfile(u)]
+        missing = [u for u in self.urls if not is_url(u) and not os.path.isfile(u)]
         if missing:
             more = f" (and {len(missing) - 1} more of {len(self.urls)})" if len(missing) > 1 else ""
             raise ShardError(f"shard not found: {missing[0]}{more}")
@@ -261,8 +165,7 @@ class WebDataset(IterableDataset):
         )
         self.start, self.rank, self.world_size, self.batch_size = 0, 0, 1, 1
         self._counts: dict[str, int] = {}
-        self._fs_cache: dict[str, Any] = {}
-        self._pid = os.getpid()
+        self._opener = Opener(self.storage_options, field="data.urls")
 
     # ------------------------------------------------------------------------------------------- position
     def set_state(self, start: int = 0, rank: int = 0, world_size: int = 1, batch_size: int = 1) -> "WebDataset":
@@ -280,11 +183,6 @@ class WebDataset(IterableDataset):
         if self.length is None:
             raise TypeError("this WebDataset has no nominal length: set `length`")
         return self.length
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_fs_cache"] = {}
-        return state
 
     def worker_plan(self, worker_id: int = 0, num_workers: int = 0) -> tuple[int, int, int]:
         """``(slot, slots, skip)`` for one physical data-loader worker (0, 0 when reading in-process)."""
@@ -408,20 +306,8 @@ class WebDataset(IterableDataset):
         )
 
     # ------------------------------------------------------------------------------------------- decoding
-    def _fs(self, url: str):
-        if os.getpid() != self._pid:  # forked data-loader worker: filesystems are not fork-safe
-            self._fs_cache, self._pid = {}, os.getpid()
-        protocol = url.split("://", 1)[0]
-        fs = self._fs_cache.get(protocol)
-        if fs is None:
-            fs = filesystem(url, self.storage_options, field="data.urls")
-            self._fs_cache[protocol] = fs
-        return fs
-
     def open_shard(self, url: str):
-        if "://" not in url:
-            return open(url, "rb", buffering=1 << 20)
-        return self._fs(url).open(url, "rb")
+        return self._opener.open(url, buffering=1 << 20)
 
     def _read_shard(self, url: str, keep=None, want=None) -> Iterator[tuple[str, dict[str, bytes]]]:
         try:
