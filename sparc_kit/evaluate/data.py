@@ -1,22 +1,24 @@
 """Evaluation sets, read from a path or URL (anything fsspec opens).
 
-Two functions are the whole interface the evaluators use, so the readers behind them can later be swapped for
-the shared training datasets (``sparc_kit/data/manifest.py``, ``webdataset.py``) without touching the
-evaluators:
+Two functions are the whole interface the evaluators use:
 
 - :func:`iter_labelled_images` ``(path, classnames, max_samples)`` yields ``(PIL image, label index)``;
 - :func:`load_retrieval_set` ``(path, max_samples)`` gives a :class:`RetrievalSet` of image URLs and their
   captions, iterated as ``(PIL image, [captions])``.
 
-Formats (the project's evaluation-set contract, docs/data.md):
+Manifests, shard patterns, paths inside a manifest, tar members and image bytes are read by the same code as the
+training data (:mod:`sparc_kit.data.sources`, :func:`sparc_kit.data.transforms.decode_image`), so both read a
+set the same way; what is evaluation's own is the policy (a set must be clean: the first problem stops it) and
+the labels. Formats (the project's evaluation-set contract, docs/data.md):
 
-- a manifest, JSONL (one object a line) or CSV (a header row), whose ``image`` is a path relative to the
-  manifest or any fsspec URL; classification rows carry ``label`` (an index into the class names, or a class
-  name); retrieval rows carry ``captions`` (a list; in CSV a JSON list) or ``caption`` (one string);
+- a manifest, JSONL (one object a line; a ``.json`` may hold one JSON array), CSV or TSV (a header row), maybe
+  compressed (``.jsonl.gz``), whose ``image`` is a path relative to the manifest or any fsspec URL;
+  classification rows carry ``label`` (an index into the class names, or a class name); retrieval rows carry
+  ``captions`` (a list; in CSV a JSON list) or ``caption`` (one string);
 - webdataset tar shards for classification: ``KEY.jpg``/``.jpeg``/``.png``/``.webp`` with ``KEY.txt`` (the
   class name), ``KEY.cls`` (the index) or ``KEY.json`` (``{"label": ...}``); several shards as a list, or
-  with brace expansion ``test-{000..003}.tar``. Tars are streamed (Python's ``tarfile`` over fsspec), so
-  ``max_samples`` reads only the start of a shard.
+  with brace expansion ``test-{000..003}.tar`` and ``::`` between patterns, as for training. Tars are streamed,
+  so ``max_samples`` reads only the start of a shard.
 
 Class names come from a list, a file with one name a line, or by default ``classnames.txt`` beside the data.
 Problems raise :class:`EvalDataError` (a ``ValueError``) with a one-line message naming the file.
@@ -24,17 +26,27 @@ Problems raise :class:`EvalDataError` (a ``ValueError``) with a one-line message
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import json
-import re
-import tarfile
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import fsspec
 
+from sparc_kit.data.sources import (
+    SHARD_ERROR,
+    ManifestError,
+    Opener,
+    expand_braces,
+    expand_urls,
+    folder_of,
+    is_manifest_path,
+    iter_tar,
+    join_path,
+    read_manifest_rows,
+    row_captions,
+)
+from sparc_kit.data.transforms import BadImageError, decode_image
 from sparc_kit.errors import SparcError
 
 __all__ = [
@@ -53,7 +65,8 @@ __all__ = [
 ]
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-MANIFEST_EXTS = (".jsonl", ".json", ".csv")
+MANIFEST_EXTS = (".jsonl", ".json", ".csv")  # named in messages; .ndjson, .tsv and compressed ones are read too
+_OPENER = Opener(field="eval data")
 
 
 class EvalDataError(SparcError, ValueError):
@@ -63,47 +76,13 @@ class EvalDataError(SparcError, ValueError):
 # ---------------------------------------------------------------------------------------------------- paths
 
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """``a-{000..002}.tar`` -> ``a-000.tar a-001.tar a-002.tar`` (zero padding kept); ``{x,y}`` lists too."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if numeric:
-        lo, hi = numeric.groups()
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        step = 1 if int(hi) >= int(lo) else -1
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-    elif "," in body:
-        options = body.split(",")
-    else:
-        return [pattern]  # not a brace expression: a literal {..}
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [out for option in options for out in expand_braces(head + option + tail)]
-
-
 def shard_urls(path: str | Sequence[str]) -> list[str]:
-    """Shard URLs of a path or brace pattern, or of a list of them."""
-    items = [path] if isinstance(path, str) else list(path)
-    return [url for item in items for url in expand_braces(str(item))]
+    """Shard URLs of a path or brace pattern, or of a list of them (:func:`sparc_kit.data.sources.expand_urls`)."""
+    return expand_urls([path] if isinstance(path, str) else [str(p) for p in path])
 
 
 def is_manifest(path: str | Sequence[str]) -> bool:
-    return isinstance(path, str) and path.lower().endswith(MANIFEST_EXTS)
-
-
-def _parent(url: str) -> str:
-    return url.rsplit("/", 1)[0] if "/" in url else "."
-
-
-def _join(base: str, relative: str) -> str:
-    if "://" in relative or relative.startswith("/"):
-        return relative
-    return f"{base.rstrip('/')}/{relative}" if base not in ("", ".") else relative
+    return is_manifest_path(path)
 
 
 def _isdir(url: str) -> bool:
@@ -115,22 +94,21 @@ def _isdir(url: str) -> bool:
 
 
 def read_image(source: str | bytes, name: str = ""):
-    """A PIL image (RGB, EXIF orientation applied, as the training datasets read it) from a URL or from bytes;
-    :class:`EvalDataError` naming ``name`` when unreadable."""
-    from PIL import Image, ImageOps
-
+    """A PIL image decoded as the training datasets decode it (RGB, transparency on white, EXIF orientation
+    applied) from a URL or from bytes; :class:`EvalDataError` naming ``name`` when unreadable."""
     try:
         if isinstance(source, bytes):
             data = source
         else:
             name = name or source
-            with fsspec.open(source, "rb") as f:
-                data = f.read()
-        image = Image.open(io.BytesIO(data))
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
+            data = _OPENER.read(source)
+        return decode_image(data)
     except FileNotFoundError:
         raise EvalDataError(f"{name}: image not found") from None
+    except BadImageError as exc:
+        raise EvalDataError(f"{name}: {exc}") from None
+    except SparcError:  # a URL scheme whose package is missing: its own one line
+        raise
     except Exception as exc:
         raise EvalDataError(f"{name}: cannot read the image ({type(exc).__name__}: {exc})") from None
 
@@ -141,7 +119,7 @@ def read_image(source: str | bytes, name: str = ""):
 def default_classnames_path(path: str | Sequence[str]) -> str:
     """``classnames.txt`` in the folder of the manifest or of the first shard."""
     first = path if is_manifest(path) else (shard_urls(path) or [""])[0]
-    return _join(_parent(str(first)), "classnames.txt")
+    return join_path(folder_of(str(first)), "classnames.txt")
 
 
 def load_classnames(spec: str | Sequence[str] | None, data_path: str | Sequence[str] | None = None) -> list[str]:
@@ -193,83 +171,49 @@ def _label_index(value: Any, lookup: dict[str, int], num_classes: int, where: st
 
 
 def read_manifest(path: str, max_rows: int | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, row)`` of a JSONL or CSV manifest (a ``.json`` file may also hold one JSON list)."""
-    try:
-        f = fsspec.open(path, "r", encoding="utf-8").open()
-    except FileNotFoundError:
-        raise EvalDataError(f"{path}: manifest not found") from None
-    except IsADirectoryError:
-        raise EvalDataError(f"{path}: is a folder, not a manifest file") from None
+    """``(line number, row)`` of a manifest (:func:`sparc_kit.data.sources.read_manifest_rows`); the first line
+    that is not an object with an ``image`` raises :class:`EvalDataError` naming it."""
     count = 0
-    with f:
-        if path.lower().endswith(".csv"):
-            rows: Iterator[tuple[int, Any]] = ((i + 2, row) for i, row in enumerate(csv.DictReader(f)))
-        elif path.lower().endswith(".json") and f.read(1) == "[":
-            f.seek(0)
-            rows = ((i + 1, row) for i, row in enumerate(json.load(f)))
-        else:
-            f.seek(0)
-            rows = _jsonl_rows(f, path)
-        for line_no, row in rows:
+    try:
+        for line_no, row, error in read_manifest_rows(path, field="eval data"):
             if max_rows is not None and count >= max_rows:
                 return
-            if not isinstance(row, dict):
-                raise EvalDataError(f"{path}:{line_no}: expected an object with 'image', got {type(row).__name__}")
+            if row is None:
+                raise EvalDataError(f"{path}:{line_no}: {error}")
             if not row.get("image"):
                 raise EvalDataError(f"{path}:{line_no}: no 'image'")
             count += 1
             yield line_no, row
-
-
-def _jsonl_rows(f, path: str) -> Iterator[tuple[int, Any]]:
-    for line_no, line in enumerate(f, start=1):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise EvalDataError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+    except ManifestError as exc:
+        raise EvalDataError(f"{path}: {exc.problem}") from None
 
 
 # ------------------------------------------------------------------------------------------------ webdataset
 
 
 def iter_shard_samples(urls: Sequence[str]) -> Iterator[tuple[str, str, dict[str, bytes]]]:
-    """``(shard, key, {extension: bytes})`` for each sample of webdataset shards, streamed in order.
-
-    A sample's files are consecutive members sharing the key (the member path up to the first dot of its
-    file name), the webdataset convention.
-    """
+    """``(shard, key, {extension: bytes})`` for each sample of webdataset shards, streamed in order
+    (:func:`sparc_kit.data.sources.iter_tar`: a sample's files are consecutive members sharing the key, the
+    member path up to the first dot of its file name). A shard that breaks off raises, rather than give the
+    incomplete sample it broke in."""
     for url in urls:
         try:
-            handle = fsspec.open(url, "rb").open()
+            handle = _OPENER.open(url)
         except FileNotFoundError:
             raise EvalDataError(f"{url}: shard not found") from None
         except IsADirectoryError:
             raise EvalDataError(f"{url}: is a folder, not a tar shard") from None
         with handle:
-            key, files = None, {}
-            try:
-                with tarfile.open(fileobj=handle, mode="r|*") as tar:
-                    for member in tar:
-                        if not member.isfile():
-                            continue
-                        folder, _, name = member.name.rpartition("/")
-                        stem, dot, ext = name.partition(".")
-                        if not dot or stem.startswith("."):
-                            continue
-                        member_key = f"{folder}/{stem}" if folder else stem
-                        if member_key != key:
-                            if key is not None:
-                                yield url, key, files
-                            key, files = member_key, {}
-                        data = tar.extractfile(member)
-                        files[ext.lower()] = data.read() if data is not None else b""
-            except tarfile.TarError as exc:
-                raise EvalDataError(f"{url}: not a readable tar shard ({exc})") from None
-            if key is not None:
-                yield url, key, files
+            pending = None  # held back one step: a read error makes the sample it fell in incomplete
+            for key, files in iter_tar(handle):
+                if key == SHARD_ERROR:
+                    reason = files["error"].decode(errors="replace")
+                    raise EvalDataError(f"{url}: not a readable tar shard ({reason})")
+                if pending is not None:
+                    yield url, *pending
+                pending = key, files
+            if pending is not None:
+                yield url, *pending
 
 
 # ------------------------------------------------------------------------------------------------ classification
@@ -287,12 +231,12 @@ def iter_labelled_images(
     names = load_classnames(classnames, path)
     lookup = {n: i for i, n in enumerate(names)}
     if is_manifest(path):
-        base = _parent(path)
+        base = folder_of(path)
         for line_no, row in read_manifest(path, max_samples):
             if "label" not in row:
                 raise EvalDataError(f"{path}:{line_no}: no 'label' (a classification manifest needs one)")
             label = _label_index(row["label"], lookup, len(names), f"{path}:{line_no}")
-            yield read_image(_join(base, str(row["image"]))), label
+            yield read_image(join_path(base, str(row["image"]))), label
         return
     samples = iter_shard_samples(shard_urls(path))
     for shard, key, files in itertools.islice(samples, max_samples):
@@ -339,20 +283,13 @@ def load_retrieval_set(path: str, max_samples: int | None = None) -> RetrievalSe
     images when given. Images are read when iterated, not here."""
     if not is_manifest(path):
         raise EvalDataError(f"{path}: a retrieval set is a manifest ({', '.join(MANIFEST_EXTS)}) with 'captions'")
-    base = _parent(path)
+    base = folder_of(path)
     out = RetrievalSet(source=path)
     for line_no, row in read_manifest(path, max_samples):
-        caps = row.get("captions", row.get("caption"))
-        if isinstance(caps, str) and path.lower().endswith(".csv") and caps.lstrip().startswith("["):
-            try:
-                caps = json.loads(caps)
-            except json.JSONDecodeError:
-                pass
-        if isinstance(caps, str):
-            caps = [caps]
-        if not isinstance(caps, list) or not caps or not all(isinstance(c, str) and c.strip() for c in caps):
+        caps = row_captions(row)
+        if not caps or not all(isinstance(c, str) and c.strip() for c in caps):
             raise EvalDataError(f"{path}:{line_no}: 'captions' must be a non-empty list of non-empty strings")
-        out.images.append(_join(base, str(row["image"])))
+        out.images.append(join_path(base, str(row["image"])))
         out.captions.append(list(caps))
     if not out.images:
         raise EvalDataError(f"{path}: no images")
