@@ -31,10 +31,11 @@ from sparc_kit.ablate.params import (
     value_label,
     yaml_text,
 )
+from sparc_kit.checkpoint import CHECKPOINTS, RECIPE, latest_checkpoint, step_of_folder
 from sparc_kit.config import RecipeError, dump_recipe, load_recipe
 from sparc_kit.losses import build_loss
 from sparc_kit.models import build_model
-from sparc_kit.train import latest_checkpoint, read_metrics
+from sparc_kit.train import read_metrics
 
 __all__ = ["DEFAULT_RECIPE", "Param", "Point", "Sweep", "plan_sweep", "point_state", "format_plan"]
 
@@ -283,7 +284,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def _folder_mismatch(point: Point) -> str | None:
     """A run folder that already holds a run of another recipe (e.g. an --out reused for another sweep)."""
-    path = os.path.join(point.run_dir, "recipe.yaml")
+    path = os.path.join(point.run_dir, RECIPE)
     if not os.path.exists(path):
         return None
     try:
@@ -312,8 +313,8 @@ def point_state(point: Point) -> str:
     steps = point.recipe.train.steps
     rows = read_metrics(point.run_dir)
     last = int(rows[-1].get("step", 0)) if rows else 0
-    ckpt = latest_checkpoint(os.path.join(point.run_dir, "checkpoints"))
-    ckpt_step = int(os.path.basename(ckpt).split("_")[1]) if ckpt else None
+    ckpt = latest_checkpoint(os.path.join(point.run_dir, CHECKPOINTS))
+    ckpt_step = step_of_folder(os.path.basename(ckpt)) if ckpt else None
     if last >= steps and (ckpt_step is None or ckpt_step >= steps):
         return "done"
     if rows or ckpt_step:

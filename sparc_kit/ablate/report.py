@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sparc_kit.ablate.plan import Sweep, flatten, point_state
+from sparc_kit.checkpoint import EVAL
 from sparc_kit.io import atomic_open, atomic_write
 from sparc_kit.train import read_metrics
 
@@ -69,7 +70,7 @@ def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
             if k.startswith("eval/") and k.split("/")[-1] in _EVAL_SKIP:
                 continue
             metrics[k] = float(v)
-        eval_dir = os.path.join(point.run_dir, "eval")
+        eval_dir = os.path.join(point.run_dir, EVAL)
         if os.path.isdir(eval_dir):
             for fname in sorted(os.listdir(eval_dir)):
                 if not fname.endswith(".json"):
