@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 import fsspec
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, create_model
 
 # the component packages: importing them registers the built-in components the schema is built from
 import sparc_kit.data  # noqa: F401
@@ -43,6 +43,8 @@ __all__ = [
     "dump_recipe",
     "recipe_schema",
     "recipe_problems",
+    "canonical_values",
+    "RENAMED_VALUES",
 ]
 
 
@@ -97,6 +99,30 @@ class TrainConfig(Strict):
     )
 
 
+#: values a field accepted under an earlier name, read as the current one (recipes and run folders of that time
+#: keep working; the resolved recipe writes the current name)
+RENAMED_VALUES: dict[str, dict[Any, Any]] = {"model.image_global_head": {"mlp": "linear_gelu"}}
+
+
+def _canonical(field: str):
+    renamed = RENAMED_VALUES[field]
+    return lambda value: renamed.get(value, value) if isinstance(value, str) else value
+
+
+def canonical_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw recipe dict (a run folder's recipe.yaml) with the values of :data:`RENAMED_VALUES` under their
+    current names, for comparing it with a validated recipe."""
+    out = copy.deepcopy(raw)
+    for field, renamed in RENAMED_VALUES.items():
+        *parents, leaf = field.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = renamed.get(node[leaf], node[leaf])
+    return out
+
+
 def _tagged(kind: str, name: str, config: type[BaseModel]) -> type[BaseModel]:
     return create_model(
         f"{kind}.{name}",
@@ -144,7 +170,14 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
         text=(text_t, ...),
         image_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
         text_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
-        image_global_head=(Literal["mlp", "none"], "mlp"),
+        image_global_head=(
+            Annotated[Literal["linear_gelu", "none"], BeforeValidator(_canonical("model.image_global_head"))],
+            Field(
+                "linear_gelu",
+                description="h_v on the pooled patches for the global image embedding: 'linear_gelu' (one Linear + "
+                "GELU, the paper's text; 'mlp' is its earlier name) or 'none' (the mean of the projected patches)",
+            ),
+        ),
         text_end_token=(
             Literal["include", "exclude"],
             Field(

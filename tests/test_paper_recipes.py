@@ -103,7 +103,7 @@ def test_sparc_b16_is_the_papers_setup():
         "vit", 224, 16, 768, 12, 12, False
     )
     assert (t.name, t.width, t.depth, t.heads) == ("transformer", 768, 12, 12)
-    assert r.model.embed_dim == 512 and r.model.image_global_head == "mlp"
+    assert r.model.embed_dim == 512 and r.model.image_global_head == "linear_gelu"
     assert (r.tokenizer.vocab_size, r.tokenizer.context_length, r.tokenizer.model_type) == (32000, 55, "unigram")
     assert (r.optim.name, r.optim.schedule, r.optim.warmup_steps) == ("adamw", "cosine", 2500)
     assert (r.optim.lr, r.optim.weight_decay) == (7e-4, 0.2)

@@ -606,3 +606,23 @@ def test_a_global_head_no_term_trains_is_refused_naming_both_fields(name):
     (line,) = info.value.problems
     assert line.startswith("model.image_global_head:") and "loss.lambda_g" in line
     assert load_recipe(name, ["loss.lambda_g=0", "model.image_global_head=none"]).loss.lambda_g == 0
+
+
+def test_image_global_head_mlp_is_read_as_its_current_name_linear_gelu(tmp_path):
+    """``mlp`` was the earlier name of the one Linear + GELU head: a recipe or a run folder of that time still
+    validates, resolves to ``linear_gelu`` and resumes (its recipe.yaml compares equal); another head does not."""
+    import yaml
+
+    from sparc_kit.train.loop import ResumeMismatchError, _check_resume
+
+    old = load_recipe("sparc_tiny", ["model.image_global_head=mlp"])
+    assert old.model.image_global_head == "linear_gelu"
+    assert "image_global_head: linear_gelu" in dump_recipe(old)
+    raw = old.model_dump(mode="json")
+    raw["model"]["image_global_head"] = "mlp"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    _check_resume(str(tmp_path), old)
+    raw["model"]["image_global_head"] = "none"
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(ResumeMismatchError, match="image_global_head"):
+        _check_resume(str(tmp_path), old)

@@ -93,11 +93,11 @@ class Collate:
     the training loop adds up and logs.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
+    def __init__(self, tokenizer: Tokenizer, image_size: int):
         self.tokenizer = tokenizer
         self.image_size = image_size
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        self.mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()

@@ -127,9 +127,6 @@ def logit_diagnostics(logits_i2t, logits_t2i, targets, logit_scale) -> dict[str,
     }
 
 
-_logit_diagnostics = logit_diagnostics  # the earlier private name
-
-
 @losses.register("siglip")
 class SigLipLoss(nn.Module):
     """SigLIP's pairwise sigmoid loss (Zhai et al., ICCV 2023; its Algorithm 1), with a learned bias.
@@ -197,12 +194,12 @@ def build_global_term(name: GlobalLossName = "clip", local_loss: bool = True) ->
 
 
 def check_global_head_trained(recipe: Any, path: str) -> list[str]:
-    """A loss of :class:`GlobalPlusFineLoss` shape trains ``h_v`` (``model.image_global_head: mlp``) through its
+    """A loss of :class:`GlobalPlusFineLoss` shape trains ``h_v`` (``model.image_global_head: linear_gelu``) through its
     global term only: with ``lambda_g`` 0 that layer never learns, yet zero-shot and retrieval score through
     ``encode_image``, which uses it. Such a recipe is refused rather than evaluated at its initialisation."""
-    if recipe.loss.lambda_g == 0 and recipe.model.image_global_head == "mlp":
+    if recipe.loss.lambda_g == 0 and recipe.model.image_global_head != "none":
         return [
-            f"model.image_global_head: 'mlp' (h_v) is trained only by the global term, and {path}.lambda_g is 0, "
+            f"model.image_global_head: {recipe.model.image_global_head!r} (h_v) is trained only by the global term, and {path}.lambda_g is 0, "
             "so evaluation would score through an untrained layer; set model.image_global_head: none (the mean "
             f"of the projected patches, which {path}.name={recipe.loss.name!r} trains), or {path}.lambda_g > 0"
         ]

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sparc_kit.data.tokenizer import PAD_ID
 from sparc_kit.models.attention import init_weights
 
 __all__ = ["DualEncoder"]
@@ -20,7 +21,7 @@ class DualEncoder(nn.Module):
     - ``patch_embeds = g_v(f_v(x))`` [B, P, E] and ``token_embeds = g_t(f_t(x))`` [B, L, E]: linear adapters
       (no bias) on every patch / token.
     - Global image embedding: ``g_v(h_v(pool(f_v)))`` with ``h_v`` one non-linear layer (the paper's text,
-      ``image_global_head="mlp"``), or ``g_v(pool(f_v))`` = the mean of the projected patches (the paper's
+      ``image_global_head="linear_gelu"``: one Linear + GELU; ``"mlp"`` is its earlier name), or ``g_v(pool(f_v))`` = the mean of the projected patches (the paper's
       pseudo-code, ``"none"``; equal because ``g_v`` is linear).
     - Global text embedding: ``g_t(masked_mean(f_t))`` = the masked mean of the projected tokens.
     - ``end_id``: when set, tokens with this id (the tokenizer's end-of-caption token) are attended to by the text
@@ -41,10 +42,9 @@ class DualEncoder(nn.Module):
         embed_dim: int,
         image_pooler: nn.Module,
         text_pooler: nn.Module,
-        image_global_head: str = "mlp",
+        image_global_head: str = "linear_gelu",
         init_temperature: float = 0.07,
         max_logit_scale: float = 100.0,
-        pad_id: int = 0,
         end_id: int | None = None,
     ):
         super().__init__()
@@ -56,19 +56,18 @@ class DualEncoder(nn.Module):
         vw, tw = vision.output_dim, text.output_dim
         self.vision_adapter = nn.Linear(vw, embed_dim, bias=False)  # g_v
         self.text_adapter = nn.Linear(tw, embed_dim, bias=False)  # g_t
-        if image_global_head == "mlp":
+        if image_global_head in ("linear_gelu", "mlp"):
             self.image_global_head: nn.Module = nn.Sequential(nn.Linear(vw, vw), nn.GELU())  # h_v
         elif image_global_head == "none":
             self.image_global_head = nn.Identity()
         else:
-            raise ValueError(f"image_global_head must be 'mlp' or 'none', got {image_global_head!r}")
+            raise ValueError(f"image_global_head must be 'linear_gelu' or 'none', got {image_global_head!r}")
         self.image_global_head.apply(init_weights)
         self.vision_adapter.apply(init_weights)
         self.text_adapter.apply(init_weights)
         self.max_log_logit_scale = math.log(max_logit_scale)
         start = min(max(math.log(1.0 / init_temperature), 0.0), self.max_log_logit_scale)
         self.log_logit_scale = nn.Parameter(torch.tensor(start))
-        self.pad_id = pad_id
         self.end_id = end_id
 
     # ---------------------------------------------------------------------------------------------- towers
@@ -83,7 +82,7 @@ class DualEncoder(nn.Module):
 
     def text_features(self, token_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> dict[str, Any]:
         if token_mask is None:
-            token_mask = token_ids != self.pad_id
+            token_mask = token_ids != PAD_ID
         token_mask = token_mask.bool()
         tokens = self.text(token_ids, token_mask)  # [B, L, Wt]
         if self.end_id is not None:  # the tower attended to the end token; it is not one of the caption's tokens
@@ -103,7 +102,7 @@ class DualEncoder(nn.Module):
     def encode_text(
         self, token_ids: torch.Tensor, token_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        """Global text embeddings [B, E]; ``token_mask`` defaults to ``token_ids != pad_id``."""
+        """Global text embeddings [B, E]; ``token_mask`` defaults to ``token_ids != PAD_ID``."""
         out = self.text_features(token_ids, token_mask)["text_embeds"]
         return F.normalize(out, dim=-1) if normalize else out
 

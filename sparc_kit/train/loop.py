@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
-from sparc_kit.config import dump_recipe
+from sparc_kit.config import canonical_values, dump_recipe
 from sparc_kit.errors import require_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
@@ -217,7 +217,7 @@ def _check_resume(run_dir: str, recipe: Any) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = yaml.safe_load(f) or {}
+        old = canonical_values(yaml.safe_load(f) or {})
     new = recipe.model_dump(mode="json")
     diffs = []
     for section in ("model", "tokenizer"):
