@@ -165,3 +165,13 @@ def test_the_library_imports_its_own_modules_at_module_level():
         for target in _imports(module, path, module_level=False) - _imports(module, path, module_level=True)
     )
     assert lazy == []
+
+
+def test_every_package_folder_is_installed():
+    """pyproject.toml lists its packages by name: a new package folder left out of that list works in an
+    editable install and is missing from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert sorted(folders - listed) == []

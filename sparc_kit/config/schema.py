@@ -1,0 +1,212 @@
+"""The recipe schema: the fixed sections (tokenizer, optimizer, training) and the model, loss, data, engine and
+eval sections built from the component registries, so a component's parameters are checked against what it
+declares. Built once per set of registered components (a plugin that registers one rebuilds it)."""
+
+from __future__ import annotations
+
+import copy
+from functools import lru_cache
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+
+# the component packages: importing them registers the built-in components the schema is built from
+import sparc_kit.data  # noqa: F401
+import sparc_kit.engines  # noqa: F401
+import sparc_kit.evaluate  # noqa: F401
+import sparc_kit.losses  # noqa: F401
+import sparc_kit.models  # noqa: F401
+from sparc_kit import registry as reg
+from sparc_kit.errors import RecipeError
+from sparc_kit.evaluate.spec import EvalConfig
+from sparc_kit.plugins import PluginError, ensure_plugins
+
+__all__ = [
+    "recipe_schema",
+    "canonical_values",
+    "RENAMED_VALUES",
+    "COMPONENT_SECTIONS",
+    "TokenizerConfig",
+    "OptimConfig",
+    "TrainConfig",
+]
+
+COMPONENT_SECTIONS = {  # recipe path of each component section -> its registry kind
+    "model.vision": "vision_encoder",
+    "model.text": "text_encoder",
+    "model.image_pooler": "pooler",
+    "model.text_pooler": "pooler",
+    "loss": "loss",
+    "data": "dataset",
+    "engine": "engine",
+}
+
+
+class Strict(BaseModel):
+    # numbers are finite: an infinite temperature or learning rate validates as a float but cannot train
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), validate_default=True, allow_inf_nan=False)
+
+
+class TokenizerConfig(Strict):
+    """SentencePiece tokenizer: loaded from ``path``, or trained on the training captions when ``path`` is null."""
+
+    path: str | None = None
+    vocab_size: int = Field(32000, gt=3)
+    context_length: int = Field(55, gt=1)
+    model_type: Literal["unigram", "bpe", "word", "char"] = "unigram"
+    lowercase: bool = True
+    add_eos: bool = True
+    train_captions: int = Field(100_000, gt=0, description="how many training captions to train it on")
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warm-up then cosine (or constant) decay, counted in steps."""
+
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(2500, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(Strict):
+    """Step-based training. ``batch_size`` is the global batch: the same number on 1 or N processes (each
+    process takes ``batch_size / N``); ``accum_steps`` splits each process's part into that many micro-batches,
+    contrastive-correct (the loss and gradients of the whole batch)."""
+
+    steps: int = Field(1000, gt=0)
+    batch_size: int = Field(64, gt=0, description="the global batch, all processes and micro-batches together")
+    accum_steps: int = Field(1, gt=0, description="micro-batches per process and step (gradient accumulation)")
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    num_workers: int = Field(0, ge=0)
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    keep_checkpoints: int = Field(2, gt=0)
+    max_skip_fraction: float = Field(
+        0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
+    )
+
+
+#: values a field accepted under an earlier name, read as the current one (recipes and run folders of that time
+#: keep working; the resolved recipe writes the current name)
+RENAMED_VALUES: dict[str, dict[Any, Any]] = {"model.image_global_head": {"mlp": "linear_gelu"}}
+
+
+def _canonical(field: str):
+    renamed = RENAMED_VALUES[field]
+    return lambda value: renamed.get(value, value) if isinstance(value, str) else value
+
+
+def canonical_values(raw: dict[str, Any]) -> dict[str, Any]:
+    """A raw recipe dict (a run folder's recipe.yaml) with the values of :data:`RENAMED_VALUES` under their
+    current names, for comparing it with a validated recipe."""
+    out = copy.deepcopy(raw)
+    for field, renamed in RENAMED_VALUES.items():
+        *parents, leaf = field.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str):
+            node[leaf] = renamed.get(node[leaf], node[leaf])
+    return out
+
+
+def _tagged(kind: str, name: str, config: type[BaseModel]) -> type[BaseModel]:
+    return create_model(
+        f"{kind}.{name}",
+        __base__=config,
+        name=(Literal[name], ...),  # type: ignore[valid-type]
+    )
+
+
+def _component_type(registry: reg.Registry) -> Any:
+    members = [_tagged(registry.kind, e.name, e.config) for e in registry.entries()]
+    if not members:
+        raise RuntimeError(f"no {registry.kind} is registered")
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="name")]  # type: ignore[valid-type]
+
+
+def _registry_versions() -> tuple[int, ...]:
+    _ensure_components()
+    return tuple(reg.get_registry(k).version for k in reg.kinds())
+
+
+def _ensure_components() -> None:
+    """Load the plugins (the ``sparc_kit.plugins`` entry points and ``SPARC_PLUGINS``; :mod:`sparc_kit.plugins`);
+    the built-in components registered themselves when this module imported their packages."""
+    try:
+        ensure_plugins()
+    except PluginError as exc:
+        raise RecipeError([str(exc)]) from None
+
+
+@lru_cache(maxsize=4)
+def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
+    vision_t = _component_type(reg.vision_encoders)
+    text_t = _component_type(reg.text_encoders)
+    pooler_t = _component_type(reg.poolers)
+    attention_t = Literal[tuple(reg.attention_backends.names())]  # type: ignore[valid-type]
+
+    model_config = create_model(
+        "ModelConfig",
+        __base__=Strict,
+        __doc__="The dual encoder: two towers, linear adapters into a shared space, poolers, one temperature.",
+        embed_dim=(int, Field(512, gt=0)),
+        vision=(vision_t, ...),
+        text=(text_t, ...),
+        image_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
+        text_pooler=(pooler_t, Field(default_factory=lambda: {"name": "mean"})),
+        image_global_head=(
+            Annotated[Literal["linear_gelu", "none"], BeforeValidator(_canonical("model.image_global_head"))],
+            Field(
+                "linear_gelu",
+                description="h_v on the pooled patches for the global image embedding: 'linear_gelu' (one Linear + "
+                "GELU, the paper's text; 'mlp' is its earlier name) or 'none' (the mean of the projected patches)",
+            ),
+        ),
+        text_end_token=(
+            Literal["include", "exclude"],
+            Field(
+                "include",
+                description="whether the end-of-caption token is one of the caption's tokens for the text pooler "
+                "and the token-level losses (the text tower attends to it either way)",
+            ),
+        ),
+        attention=(attention_t, "sdpa"),
+        init_temperature=(float, Field(0.07, gt=0)),
+        max_logit_scale=(float, Field(100.0, gt=1)),
+        grad_checkpointing=(bool, False),
+    )
+    return create_model(
+        "Recipe",
+        __base__=Strict,
+        __doc__="A whole training recipe: model, tokenizer, loss, data, optimizer, training and engine.",
+        name=(Optional[str], None),
+        description=(Optional[str], None),
+        model=(model_config, ...),
+        tokenizer=(TokenizerConfig, Field(default_factory=TokenizerConfig)),
+        loss=(_component_type(reg.losses), ...),
+        data=(_component_type(reg.datasets), ...),
+        optim=(OptimConfig, Field(default_factory=OptimConfig)),
+        train=(TrainConfig, Field(default_factory=TrainConfig)),
+        engine=(_component_type(reg.engines), Field(default_factory=lambda: {"name": "local"})),
+        eval=(list[EvalConfig], Field(default_factory=list)),
+    )
+
+
+def recipe_schema() -> type[BaseModel]:
+    """The Recipe pydantic model for the components registered now."""
+    return _build_schema(_registry_versions())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
