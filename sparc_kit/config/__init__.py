@@ -23,6 +23,7 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from sparc_kit.config import schema
 from sparc_kit.config.problems import format_errors, recipe_problems
 from sparc_kit.config.schema import (
     COMPONENT_SECTIONS,
@@ -45,14 +46,8 @@ __all__ = [
     "parse_override",
     "apply_overrides",
     "dump_recipe",
-    "recipe_schema",
     "recipe_problems",
-    "canonical_values",
-    "RENAMED_VALUES",
-    "COMPONENT_SECTIONS",
-    "TokenizerConfig",
-    "OptimConfig",
-    "TrainConfig",
+    *schema.__all__,
 ]
 
 
