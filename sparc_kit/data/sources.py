@@ -130,18 +130,14 @@ def split_patterns(text: str) -> list[str]:
     """The patterns of ``a/x-{0..3}.tar::b/y-{0..9}.tar`` (``::`` joins several), with fsspec chains kept whole:
     after a filesystem that reads through another (``simplecache::s3://b/x.tar``, ``zip://m.jsonl::s3://b/z.zip``)
     ``::`` is fsspec's chain, not a separator."""
+    parts = [p.strip() for p in str(text).split("::") if p.strip()]
     out: list[str] = []
     chain: list[str] = []
-    for part in str(text).split("::"):
-        part = part.strip()
-        if not part:
-            continue
+    for i, part in enumerate(parts):
         chain.append(part)
-        if not _chains_on(part):
+        if i == len(parts) - 1 or not _chains_on(part):  # the last part is never asked (nothing to import)
             out.append("::".join(chain))
             chain = []
-    if chain:  # a layer with nothing under it: left for the opener to report
-        out.append("::".join(chain))
     return out
 
 
