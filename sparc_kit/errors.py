@@ -11,7 +11,16 @@ This module imports nothing of the package: every layer may raise these.
 
 from __future__ import annotations
 
-__all__ = ["SparcError", "RunError", "RecipeError", "one_line"]
+__all__ = [
+    "SparcError",
+    "RunError",
+    "RecipeError",
+    "ComponentError",
+    "DataError",
+    "EngineSetupError",
+    "one_line",
+    "require_recipe",
+]
 
 
 class SparcError(Exception):
@@ -39,6 +48,19 @@ class RecipeError(SparcError, ValueError):
 class RunError(SparcError):
     """A run that started and cannot go on (a non-finite loss, a run folder that does not fit its recipe, too many
     unreadable samples): the CLI exits 1 with the line, not 2, since the input was valid when it began."""
+
+
+class ComponentError(SparcError, ValueError):
+    """A component's builder refused the values a recipe gave it (``Entry.build`` turns the builder's
+    ``ValueError`` into this): a recipe problem, said in the builder's own words."""
+
+
+class DataError(SparcError, ValueError):
+    """Data that cannot be trained or evaluated on as asked (an empty data set, no captions to train a tokenizer)."""
+
+
+class EngineSetupError(SparcError, ValueError):
+    """An engine that cannot run as the recipe asks (missing package, impossible layout, bad launcher state)."""
 
 
 def require_recipe(recipe: object, caller: str) -> None:

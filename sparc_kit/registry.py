@@ -28,6 +28,8 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, create_model
 
+from sparc_kit.errors import ComponentError
+
 __all__ = [
     "Registry",
     "Entry",
@@ -104,7 +106,12 @@ class Entry:
         values = self.config.model_validate(dict(params or {})).model_dump()
         values.update({k: v for k, v in (offer or {}).items() if k in self.supplied})
         values.update(extra)
-        return self.builder(**values)
+        try:
+            return self.builder(**values)
+        except ComponentError:
+            raise
+        except ValueError as exc:  # the builder refused the recipe's values: bad input, not a bug
+            raise ComponentError(str(exc)) from exc
 
     def parameters(self) -> list[tuple[str, str, Any]]:
         """(name, type, default) for each parameter, for listings."""

@@ -613,7 +613,7 @@ def test_image_global_head_mlp_is_read_as_its_current_name_linear_gelu(tmp_path)
     validates, resolves to ``linear_gelu`` and resumes (its recipe.yaml compares equal); another head does not."""
     import yaml
 
-    from sparc_kit.train.loop import ResumeMismatchError, _check_resume
+    from sparc_kit.train.run_folder import ResumeMismatchError, check_resume
 
     old = load_recipe("sparc_tiny", ["model.image_global_head=mlp"])
     assert old.model.image_global_head == "linear_gelu"
@@ -621,8 +621,8 @@ def test_image_global_head_mlp_is_read_as_its_current_name_linear_gelu(tmp_path)
     raw = old.model_dump(mode="json")
     raw["model"]["image_global_head"] = "mlp"
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
-    _check_resume(str(tmp_path), old)
+    check_resume(str(tmp_path), old)
     raw["model"]["image_global_head"] = "none"
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ResumeMismatchError, match="image_global_head"):
-        _check_resume(str(tmp_path), old)
+        check_resume(str(tmp_path), old)

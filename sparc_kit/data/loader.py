@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.transforms import IMAGE_MEAN, IMAGE_STD
+from sparc_kit.errors import DataError
 
 __all__ = [
     "ResumableBatchSampler", "epoch_seed", "Collate", "make_loader", "Loader", "worker_error", "IMAGE_MEAN", "IMAGE_STD"
@@ -49,7 +50,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         with_epoch: bool = False,
     ):
         if num_samples <= 0:
-            raise ValueError("the dataset is empty")
+            raise DataError("the dataset is empty")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -93,11 +94,11 @@ class Collate:
     the training loop adds up and logs.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_size: int):
+    def __init__(self, tokenizer: Tokenizer, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
         self.tokenizer = tokenizer
         self.image_size = image_size
-        self.mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
 
     def images(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()

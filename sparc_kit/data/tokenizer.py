@@ -16,6 +16,7 @@ import sentencepiece as spm
 import torch
 
 from sparc_kit.data.filesystems import check_url
+from sparc_kit.errors import DataError
 
 __all__ = ["Tokenizer", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
 
@@ -46,7 +47,7 @@ class Tokenizer:
         """Train on ``captions``. ``vocab_size`` is an upper bound: a small corpus yields fewer pieces."""
         texts = [c.lower() if lowercase else c for c in captions if c and c.strip()]
         if not texts:
-            raise ValueError("cannot train a tokenizer: no non-empty captions")
+            raise DataError("cannot train a tokenizer: no non-empty captions")
         buffer = io.BytesIO()
         spm.SentencePieceTrainer.train(
             sentence_iterator=iter(texts),

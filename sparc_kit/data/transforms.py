@@ -241,10 +241,10 @@ class EvalTransform:
     ``Collate.images`` exactly. Tensors are resized with torch's antialiased bicubic.
     """
 
-    def __init__(self, image_size: int):
+    def __init__(self, image_size: int, mean=IMAGE_MEAN, std=IMAGE_STD):
         self.image_size = int(image_size)
-        self.mean = torch.tensor(IMAGE_MEAN, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(IMAGE_STD, dtype=torch.float32).view(3, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
     def __call__(self, image: Any) -> torch.Tensor:
         if hasattr(image, "convert") and hasattr(image, "size"):  # PIL

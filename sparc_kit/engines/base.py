@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from sparc_kit.engines import distributed
-from sparc_kit.errors import SparcError
+from sparc_kit.errors import EngineSetupError  # re-exported: its earlier home
 
 __all__ = [
     "Engine",
@@ -39,10 +39,6 @@ __all__ = [
     "parameter_bounds",
     "resolve_device",
 ]
-
-
-class EngineSetupError(SparcError, ValueError):
-    """An engine that cannot run as the recipe asks (missing package, impossible layout, bad launcher state)."""
 
 
 class NonFiniteGradient(RuntimeError):

@@ -24,6 +24,8 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from sparc_kit.errors import EngineSetupError
+
 __all__ = [
     "DistEnv",
     "discover",
@@ -49,22 +51,22 @@ def _int(env: Mapping[str, str], key: str, default: int | None = None) -> int:
     value = env.get(key)
     if value is None or value == "":
         if default is None:
-            raise ValueError(f"environment variable {key} is not set")
+            raise EngineSetupError(f"environment variable {key} is not set")
         return default
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {key}={value!r} is not an integer") from None
+        raise EngineSetupError(f"environment variable {key}={value!r} is not an integer") from None
 
 
 def first_slurm_host(nodelist: str) -> str:
     """The first host of a SLURM node list: ``gpu[03-05,09],cpu1`` -> ``gpu03``; ``node7`` -> ``node7``."""
     nodelist = nodelist.strip()
     if not nodelist:
-        raise ValueError("SLURM_JOB_NODELIST is empty")
+        raise EngineSetupError("SLURM_JOB_NODELIST is empty")
     match = re.match(r"^([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
     if match is None:
-        raise ValueError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
+        raise EngineSetupError(f"cannot read a host from SLURM_JOB_NODELIST={nodelist!r}")
     prefix, ranges = match.group(1), match.group(2)
     if ranges is None:
         return prefix
@@ -86,7 +88,7 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_rank = _int(env, "LOCAL_RANK", rank % max(1, _int(env, "LOCAL_WORLD_SIZE", world_size)))
         addr = env.get("MASTER_ADDR", "127.0.0.1" if world_size == 1 else "")
         if world_size > 1 and not addr:
-            raise ValueError("RANK and WORLD_SIZE are set but MASTER_ADDR is not (the launcher must set it)")
+            raise EngineSetupError("RANK and WORLD_SIZE are set but MASTER_ADDR is not (the launcher must set it)")
         port = _int(env, "MASTER_PORT", 29500)
         return DistEnv(rank, world_size, local_rank, addr, port, "env")
     if "OMPI_COMM_WORLD_RANK" in env:
@@ -95,7 +97,7 @@ def discover(environ: Mapping[str, str] | None = None) -> DistEnv:
         local_rank = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0)
         addr = env.get("MASTER_ADDR", "127.0.0.1" if world_size == 1 else "")
         if world_size > 1 and not addr:
-            raise ValueError("mpirun: set MASTER_ADDR (and MASTER_PORT) to the host of rank 0, e.g. -x MASTER_ADDR")
+            raise EngineSetupError("mpirun: set MASTER_ADDR (and MASTER_PORT) to the host of rank 0, e.g. -x MASTER_ADDR")
         return DistEnv(rank, world_size, local_rank, addr, _int(env, "MASTER_PORT", 29500), "mpi")
     if "SLURM_PROCID" in env and _int(env, "SLURM_NTASKS", 1) > 1:
         world_size = _int(env, "SLURM_NTASKS")
@@ -127,7 +129,7 @@ def init_process_group(backend: str = "auto", timeout_s: float = 1800.0) -> tupl
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
-        raise ValueError("engine.backend is 'nccl' but CUDA is not available here (use 'gloo' or 'auto')")
+        raise EngineSetupError("engine.backend is 'nccl' but CUDA is not available here (use 'gloo' or 'auto')")
     if is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
         env = discover()

@@ -19,44 +19,45 @@ metrics, progress, the checkpoint's files) and evaluates; every process reads th
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import pickle
-import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-import yaml
 
-from sparc_kit.config import canonical_values, dump_recipe
-from sparc_kit.errors import require_recipe
+from sparc_kit.checkpoint import CHECKPOINTS, METRICS, RECIPE, TOKENIZER, read_checkpoint_state, save_train_checkpoint
+from sparc_kit.config import dump_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
-from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, OptimizerSpec, param_groups
-from sparc_kit.errors import RunError
+from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, param_groups
+from sparc_kit.errors import RecipeError, RunError, require_recipe
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
+from sparc_kit.io import atomic_write
 from sparc_kit.losses import build_loss
 from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines
-from sparc_kit.checkpoint import (
-    WRITE_DELAY_ENV,
-    ResumeWarning,
-    latest_checkpoint,
-    read_checkpoint_state,
-    resume_checkpoint,
-    save_train_checkpoint,
-    write_pause,
-)
 from sparc_kit.train.module import TrainModule
+from sparc_kit.train.progress import Reporter
+from sparc_kit.train.run_folder import (
+    ResumeMismatchError,
+    RunFolderBusyError,
+    append_row,
+    check_engine_resume,
+    check_resume,
+    checkpoint_step,
+    read_metrics,
+    resume_point,
+    run_lock,
+    truncate_metrics,
+)
 from sparc_kit.train.schedule import lr_factor
 from sparc_kit.train.state import TrainState
 from sparc_kit.train.step import NonFiniteLossError, train_step
+from sparc_kit.train.stopping import StopSignals, TrainingInterrupted, on_main
 
 __all__ = [
     "train",
@@ -71,62 +72,6 @@ __all__ = [
     "build_engine",
     "read_metrics",
 ]
-
-
-class TrainingInterrupted(RuntimeError):
-    """A run stopped by Ctrl-C or SIGTERM. ``saved``: a checkpoint of ``step`` was written now; otherwise
-    ``step`` is the newest checkpoint on disk (0: none), which a rerun resumes from."""
-
-    def __init__(self, step: int, out_dir: str, saved: bool = True):
-        self.step, self.out_dir, self.saved = step, out_dir, saved
-        if saved:
-            message = f"interrupted after step {step}; checkpoint saved in {out_dir}; run again to resume"
-        elif step:
-            message = (
-                f"interrupted inside a step; nothing new was saved: run again to resume from the checkpoint of step "
-                f"{step} in {out_dir}"
-            )
-        else:
-            message = f"interrupted before the first checkpoint; nothing was saved in {out_dir}"
-        super().__init__(message)
-
-    def __reduce__(self):
-        return (TrainingInterrupted, (self.step, self.out_dir, self.saved))
-
-
-class RunFolderBusyError(RunError, RuntimeError):
-    """Another process is training into the same run folder."""
-
-
-@contextlib.contextmanager
-def _run_lock(out_dir: str):
-    """An exclusive lock on ``out_dir/.lock`` for the whole run: two trainers in one folder would interleave
-    their checkpoints and metrics. The lock is released by the OS if the process dies."""
-    import fcntl
-
-    path = os.path.join(out_dir, ".lock")
-    with open(path, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            raise RunFolderBusyError(
-                f"run folder {out_dir} is in use by another training process (pid {owner}); wait for it, or use "
-                "another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class ResumeMismatchError(RunError, ValueError):
-    """The run folder holds a checkpoint of a different model or tokenizer than the recipe asks for."""
 
 
 @dataclass
@@ -153,8 +98,8 @@ def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None
     kwargs = dict(context_length=t.context_length, lowercase=t.lowercase, add_eos=t.add_eos)
     if t.path:
         return Tokenizer.load(t.path, **kwargs)
-    if run_dir and os.path.exists(os.path.join(run_dir, "tokenizer.model")):
-        return Tokenizer.load(os.path.join(run_dir, "tokenizer.model"), **kwargs)
+    if run_dir and os.path.exists(os.path.join(run_dir, TOKENIZER)):
+        return Tokenizer.load(os.path.join(run_dir, TOKENIZER), **kwargs)
     if dataset is None:
         dataset = build_dataset(recipe)
     if hasattr(dataset, "captions"):
@@ -171,72 +116,6 @@ def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None
             stacklevel=2,
         )
     return tokenizer
-
-
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a crash
-    return rows
-
-
-def _append_row(f, row: dict[str, Any]) -> None:
-    """One metrics row, flushed (a crash can cut the line short: the next start drops a cut line)."""
-    line = json.dumps(row) + "\n"
-    if os.environ.get(WRITE_DELAY_ENV):  # fault tests: hold the row half-written for a while
-        f.write(line[: len(line) // 2])
-        f.flush()
-        write_pause()
-        line = line[len(line) // 2 :]
-    f.write(line)
-    f.flush()
-
-
-def _truncate_metrics(run_dir: str, last_step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from: those steps are trained again."""
-    rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= last_step]
-    path = os.path.join(run_dir, "metrics.jsonl")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
-
-
-def _check_resume(run_dir: str, recipe: Any) -> None:
-    path = os.path.join(run_dir, "recipe.yaml")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = canonical_values(yaml.safe_load(f) or {})
-    new = recipe.model_dump(mode="json")
-    diffs = []
-    for section in ("model", "tokenizer"):
-        for key, (a, b) in _diff(old.get(section), new.get(section), section).items():
-            diffs.append(f"{key} (checkpoint: {a!r}, recipe: {b!r})")
-    if diffs:
-        raise ResumeMismatchError(
-            f"run folder {run_dir} holds a checkpoint of another model: {'; '.join(diffs[:4])}. "
-            "Use a new --out folder, or the recipe the run was started with"
-        )
-
-
-def _diff(a: Any, b: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: dict[str, tuple[Any, Any]] = {}
-        for key in sorted(set(a) | set(b)):
-            out.update(_diff(a.get(key), b.get(key), f"{prefix}.{key}"))
-        return out
-    return {} if a == b else {prefix: (a, b)}
 
 
 def _length(dataset: Any) -> int | None:
@@ -261,19 +140,6 @@ def _check_skips(counts: dict[str, int], max_fraction: float, step: int) -> None
         )
 
 
-def _resume_point(root: str) -> str | None:
-    """The checkpoint to resume from; a warning of one line when a newer one had to be passed over."""
-    path, note = resume_checkpoint(root)
-    if note:
-        warnings.warn(note, ResumeWarning, stacklevel=2)
-    return path
-
-
-def _ckpt_step(root: str) -> int:
-    path = latest_checkpoint(root)
-    return int(os.path.basename(path).split("_")[1]) if path else 0
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -287,124 +153,8 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class _Reporter:
-    """A live progress bar on a terminal; one plain line per logged step elsewhere (CI logs, files)."""
-
-    def __init__(self, total: int, start: int, enabled: bool, live: bool | None = None):
-        self.total, self.start = total, start
-        self.enabled = enabled
-        self.live = sys.stderr.isatty() if live is None else live
-        self.progress = None
-        if enabled and self.live:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]train"),
-                BarColumn(),
-                TextColumn("{task.completed}/{task.total}"),
-                TextColumn("{task.fields[info]}"),
-                TimeRemainingColumn(),
-                transient=False,
-            )
-            self.task = self.progress.add_task("train", total=total, completed=start, info="")
-            self.progress.start()
-
-    def update(self, step: int, row: dict[str, Any] | None, eta_s: float) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            info = _summary(row) if row else None
-            self.progress.update(self.task, completed=step, **({"info": info} if info else {}))
-        elif row is not None:
-            print(f"step {step}/{self.total}  {_summary(row)}  eta {_duration(eta_s)}", flush=True)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def _summary(row: dict[str, Any]) -> str:
-    parts = [f"loss {row['loss']:.4f}"]
-    for key, label in (("global_loss", "global"), ("fine_loss", "fine")):
-        if key in row:
-            parts.append(f"{label} {row[key]:.4f}")
-    parts.append(f"lr {row['lr']:.2e}")
-    parts.append(f"{row['samples_per_s']:.0f} samples/s")
-    return "  ".join(parts)
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # several processes: rank 0 does the run folder's work, and everyone learns how it went
-
-
-class FromMainProcess(RuntimeError):
-    """An error rank 0 met that cannot travel to the other processes as itself (it did not pickle)."""
-
-
-def _portable(exc: BaseException) -> BaseException:
-    try:
-        clone = pickle.loads(pickle.dumps(exc))
-        if type(clone) is type(exc) and str(clone) == str(exc):
-            return exc
-    except Exception:
-        pass
-    return FromMainProcess(str(exc))
-
-
-def _on_main(engine: Engine, fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` on rank 0 only; every process returns its result or raises its error (so no process waits for
-    a rank 0 that has given up). Errors raised on the other processes carry ``from_main = True``."""
-    if engine.world_size == 1:
-        return fn()
-    result, error = None, None
-    if engine.is_main:
-        try:
-            result = fn()
-        except Exception as exc:  # re-raised below, on every process
-            error = exc
-    error, result = engine.broadcast_object((_portable(error) if error is not None else None, result))
-    if error is not None:
-        if not engine.is_main:
-            error.from_main = True
-        raise error
-    return result
-
-
-class _StopSignals:
-    """SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption, torchrun stopping the job) ask for a stop at the end
-    of the current step, whatever the step was doing (most of its time is backward and the update): the step
-    completes, a checkpoint is saved, the run stops. With several processes they agree on it in that step's
-    all-reduce and save together. Pressing Ctrl-C again stops at once (a terminal's Ctrl-C reaches each process
-    of a launched run twice, directly and passed on by the launcher, so there it is the third)."""
-
-    def __init__(self, force_after: int):
-        self.force_after, self.requested, self.previous = force_after, False, {}
-        self.interrupts = 0
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(ValueError):  # not the main thread: Python's own handling stays
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            self.interrupts += 1
-            if self.interrupts >= self.force_after:
-                raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,9 +188,9 @@ def train(
 
             def take_lock() -> None:  # held by rank 0 until the run ends
                 os.makedirs(out_dir, exist_ok=True)
-                stack.enter_context(_run_lock(out_dir))
+                stack.enter_context(run_lock(out_dir))
 
-            _on_main(engine, take_lock)
+            on_main(engine, take_lock)
             return _train(recipe, out_dir, engine, layout, progress, callback)
     finally:
         engine.close()
@@ -453,53 +203,20 @@ def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str 
         check_eval_data(recipe.eval)
     saved = read_checkpoint_state(ckpt_path) if ckpt_path else None
     if saved is not None:
-        _check_resume(out_dir, recipe)
-        _check_engine_resume(saved, recipe, engine, dataset, out_dir)
+        check_resume(out_dir, recipe)
+        check_engine_resume(saved, recipe, engine, dataset, out_dir)
     tokenizer = build_tokenizer(recipe, dataset, out_dir if ckpt_path else None)
     if tokenizer.vocab_size > recipe.tokenizer.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} pieces but tokenizer.vocab_size is {recipe.tokenizer.vocab_size}"
-        )
-    tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
-    with open(os.path.join(out_dir, "recipe.yaml.tmp"), "w") as f:
-        f.write(dump_recipe(recipe))
-    os.replace(os.path.join(out_dir, "recipe.yaml.tmp"), os.path.join(out_dir, "recipe.yaml"))
+        raise RecipeError([
+            f"tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} pieces but tokenizer.vocab_size is "
+            f"{recipe.tokenizer.vocab_size}; set it to at least {tokenizer.vocab_size}"
+        ])
+    tokenizer.save(os.path.join(out_dir, TOKENIZER))
+    atomic_write(os.path.join(out_dir, RECIPE), dump_recipe(recipe))
     if saved is not None:
-        _truncate_metrics(out_dir, int(saved["step"]))
-    elif os.path.exists(os.path.join(out_dir, "metrics.jsonl")):
-        _truncate_metrics(out_dir, 0)
-
-
-def _check_engine_resume(saved: dict[str, Any], recipe: Any, engine: Engine, dataset: Any, out_dir: str) -> None:
-    """What a checkpoint of another engine, process count or worker count can and cannot be resumed with."""
-    old_engine = saved.get("engine", "local")
-    old_world = int(saved.get("world_size", 1))
-    torch_format = {"local", "ddp"}
-    if (old_engine in torch_format) != (engine.name in torch_format):
-        raise EngineSetupError(
-            f"run folder {out_dir} was trained with engine {old_engine!r}, whose checkpoints engine "
-            f"{engine.name!r} cannot resume; resume with --set engine.name={old_engine}, or use a new --out"
-        )
-    if engine.name == "deepspeed" and old_engine == "deepspeed":
-        old_stage = saved.get("zero_stage")
-        if old_world != engine.world_size or (old_stage is not None and old_stage != recipe.engine.zero_stage):
-            raise EngineSetupError(
-                f"run folder {out_dir} holds a DeepSpeed ZeRO-{old_stage} checkpoint of {old_world} processes; "
-                f"resume it with {old_world} processes (--nproc {old_world}) and engine.zero_stage={old_stage}, "
-                "or use a new --out"
-            )
-    started_workers = saved.get("num_workers", recipe.train.num_workers)
-    if isinstance(dataset, torch.utils.data.IterableDataset):
-        if started_workers != recipe.train.num_workers:
-            raise ResumeMismatchError(
-                f"run folder {out_dir} was trained with train.num_workers={started_workers}; a streaming dataset's "
-                f"sample order depends on it, so resume with --set train.num_workers={started_workers}"
-            )
-        if old_world != engine.world_size:
-            raise EngineSetupError(
-                f"run folder {out_dir} was trained by {old_world} process(es) on a streaming dataset, whose sample "
-                f"order depends on the process count; resume with {old_world} process(es)"
-            )
+        truncate_metrics(out_dir, int(saved["step"]))
+    elif os.path.exists(os.path.join(out_dir, METRICS)):
+        truncate_metrics(out_dir, 0)
 
 
 def _next_batch(
@@ -537,12 +254,12 @@ def _next_batch(
 def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback) -> TrainResult:
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
-    ckpt_root = os.path.join(out_dir, "checkpoints")
-    ckpt_path = _on_main(engine, lambda: _resume_point(ckpt_root))  # every process gets rank 0's answer
+    ckpt_root = os.path.join(out_dir, CHECKPOINTS)
+    ckpt_path = on_main(engine, lambda: resume_point(ckpt_root))  # every process gets rank 0's answer
 
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
     dataset = build_dataset(recipe)
-    _on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
+    on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
     tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
 
     model = build_model(recipe)
@@ -622,16 +339,16 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
             with local_only(), torch.random.fork_rng(devices=[]):
                 return evaluate_during_training(target, tokenizer, recipe.eval, step, final=final)
 
-        return _on_main(engine, run) or {}
+        return on_main(engine, run) or {}
 
-    reporter = _Reporter(total, start_step, progress and engine.is_main)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "a") if engine.is_main else None
+    reporter = Reporter(total, start_step, progress and engine.is_main)
+    metrics_file = open(os.path.join(out_dir, METRICS), "a") if engine.is_main else None
     window: dict[str, float] = {}
     window_counts: dict[str, int] = {}
     window_n, window_t0 = 0, time.perf_counter()
     in_update = False
     module.train()
-    stop = _StopSignals(force_after=2 if engine.world_size == 1 else 3)
+    stop = StopSignals(force_after=2 if engine.world_size == 1 else 3)
     try:
         with stop:
             batches = iter(loader)
@@ -689,7 +406,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
                         elapsed_s=round(state.trained_s + now - t_loop, 3),
                     )
                     if metrics_file is not None:
-                        _append_row(metrics_file, row)
+                        append_row(metrics_file, row)
                     window, window_counts, window_n, window_t0 = {}, {}, 0, now
                 elapsed = time.perf_counter() - t_loop
                 eta = elapsed / max(step - start_step, 1) * (total - step)
@@ -705,8 +422,8 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     except KeyboardInterrupt:  # a forced stop (Ctrl-C twice), or one raised by a callback
         reporter.close()
         if in_update or engine.world_size > 1:  # weights may be half-updated; or the others are mid-step
-            raise TrainingInterrupted(_ckpt_step(ckpt_root), out_dir, saved=False) from None
-        if committed.step > _ckpt_step(ckpt_root):
+            raise TrainingInterrupted(checkpoint_step(ckpt_root), out_dir, saved=False) from None
+        if committed.step > checkpoint_step(ckpt_root):
             checkpoint(committed)
             raise TrainingInterrupted(committed.step, out_dir) from None
         raise TrainingInterrupted(committed.step, out_dir, saved=committed.step > 0) from None
