@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import importlib
 import inspect
+import pkgutil
 import re
 import typing
 import warnings
@@ -45,6 +47,7 @@ __all__ = [
     "kinds",
     "get_registry",
     "suggest",
+    "import_submodules",
 ]
 
 
@@ -282,3 +285,12 @@ def get_registry(kind: str) -> Registry:
     if key not in _REGISTRIES:
         raise UnknownComponentError("component kind", kind, kinds())
     return _REGISTRIES[key]
+
+
+def import_submodules(package: str, path: list[str]) -> None:
+    """Import every module of a component package (``import_submodules(__name__, __path__)`` at the end of its
+    ``__init__``), so that each registers its components: a new loss, encoder or evaluator is one new file in its
+    package and nothing else to edit. Modules whose name starts with ``_`` are left alone."""
+    for info in pkgutil.iter_modules(path):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")

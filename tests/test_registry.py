@@ -375,3 +375,46 @@ def test_removed_loss_is_gone_from_recipes(register_loss):
         "loss.name: unknown loss 'focal_test'. Known: clip, filip, gloria, mgca, pacl, siglip, sparc. Your own loss? "
         "Load the module that registers it: sparc --plugin FILE.py or MODULE (in Python: import it)"
     ]
+
+
+def test_a_new_component_is_one_new_file_in_its_package(tmp_path, monkeypatch):
+    """A component package ends its ``__init__`` with ``import_submodules(__name__, __path__)``: a module dropped
+    into the folder registers its component with no other edit; a ``_private`` module is not imported."""
+    import importlib
+    import sys
+
+    from sparc_kit.registry import Registry
+
+    package = tmp_path / "toy_components"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from sparc_kit.registry import import_submodules\nimport_submodules(__name__, __path__)\n"
+    )
+    (package / "halver.py").write_text(
+        "from tests_toy_registry import toys\n\n@toys.register('halver')\ndef halver(x: float = 1.0):\n"
+        "    return x / 2\n"
+    )
+    (package / "_draft.py").write_text("raise RuntimeError('a private module is not imported')\n")
+    toys = Registry("toy")
+    holder = type(sys)("tests_toy_registry")
+    holder.toys = toys
+    monkeypatch.setitem(sys.modules, "tests_toy_registry", holder)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert toys.names() == []
+    importlib.import_module("toy_components")
+    assert toys.names() == ["halver"] and toys.build("halver", {"x": 3.0}) == 1.5
+    for name in [m for m in sys.modules if m.startswith("toy_components")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
+def test_every_built_in_component_module_is_imported_by_its_package():
+    """The built-in packages use the same mechanism: each of their modules is loaded once the package is."""
+    import pkgutil
+    import sys
+
+    import sparc_kit
+
+    for package in ("data", "models", "losses", "engines", "evaluate"):
+        module = getattr(sparc_kit, package)
+        names = [i.name for i in pkgutil.iter_modules(module.__path__) if not i.name.startswith("_")]
+        assert names and all(f"sparc_kit.{package}.{n}" in sys.modules for n in names), package

@@ -14,7 +14,7 @@ from sparc_kit.data.synthetic import SyntheticShapes  # registers "synthetic"
 from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.transforms import BadImageError, ImageTransform
 from sparc_kit.data.webdataset import ShardError, WebDataset  # registers "webdataset"
-from sparc_kit.registry import datasets
+from sparc_kit.registry import datasets, import_submodules
 
 __all__ = [
     "SyntheticShapes",
@@ -104,3 +104,6 @@ def make_train_loader(
         with_epoch=bool(getattr(dataset, "epoch_aware", False)),
     )
     return make_loader(dataset, collate, sampler, num_workers)
+
+
+import_submodules(__name__, __path__)  # every module registers its components: a new one is one new file

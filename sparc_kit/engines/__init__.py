@@ -13,6 +13,7 @@ from sparc_kit.engines.base import (
 from sparc_kit.engines.ddp import DDPEngine
 from sparc_kit.engines.deepspeed import DeepSpeedEngine, consolidate_zero_checkpoint
 from sparc_kit.engines.local import LocalEngine
+from sparc_kit.registry import import_submodules
 
 __all__ = [
     "Engine",
@@ -27,3 +28,6 @@ __all__ = [
     "resolve_device",
     "consolidate_zero_checkpoint",
 ]
+
+
+import_submodules(__name__, __path__)  # every module registers its components: a new one is one new file

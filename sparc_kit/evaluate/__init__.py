@@ -33,6 +33,7 @@ from sparc_kit.evaluate.zeroshot import (
     zeroshot_classifier,
     zeroshot_evaluate,
 )
+from sparc_kit.registry import import_submodules
 
 __all__ = [
     "check_eval_data",
@@ -61,3 +62,6 @@ __all__ = [
     "load_classnames",
     "load_retrieval_set",
 ]
+
+
+import_submodules(__name__, __path__)  # every module registers its components: a new one is one new file

@@ -14,18 +14,8 @@ from typing import Any, Sequence
 import torch
 
 from sparc_kit.errors import SparcError
-from sparc_kit.evaluate.data import (
-    EvalDataError,
-    detect_task,
-    is_manifest,
-    iter_labelled_images,
-    load_classnames,
-    load_retrieval_set,
-    shard_urls,
-)
-from sparc_kit.evaluate.retrieval import retrieval_evaluate
+from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, load_classnames, shard_urls
 from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
-from sparc_kit.evaluate.zeroshot import resolve_templates, zeroshot_evaluate
 from sparc_kit.registry import evaluators
 
 __all__ = [
@@ -72,28 +62,6 @@ class EvalResult:
             "seconds": round(self.seconds, 3),
             "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-
-
-_TASK_ARGS = ("model", "tokenizer", "spec", "transform")  # call arguments; the options are the EvalConfig's
-
-
-@evaluators.register("zeroshot", supplied=_TASK_ARGS)
-def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
-    """Zero-shot classification: class names x prompt templates, averaged text embeddings; top-1 and top-k."""
-    classnames = load_classnames(spec.classnames, spec.data)
-    templates = resolve_templates(spec.templates)
-    samples = iter_labelled_images(spec.data, classnames, spec.max_samples)
-    metrics = zeroshot_evaluate(
-        model, tokenizer, samples, classnames, templates, batch_size=spec.batch_size, transform=transform
-    )
-    return metrics, {"classnames": len(classnames), "templates": list(templates)}
-
-
-@evaluators.register("retrieval", supplied=_TASK_ARGS)
-def retrieval_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
-    """Image-text retrieval: R@1/5/10 image-to-text and text-to-image, several captions per image, in chunks."""
-    dataset = load_retrieval_set(spec.data, spec.max_samples)
-    return retrieval_evaluate(model, tokenizer, dataset, batch_size=spec.batch_size, transform=transform), {}
 
 
 def run_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict[str, Any], dict]:

@@ -8,10 +8,14 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "spec_names"]
+__all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "TASK_ARGS", "spec_names"]
 
 AVAILABLE_TASKS = ("zeroshot", "retrieval")
 PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented yet
+
+#: what every evaluator is called with (``evaluators.register(TASK, supplied=TASK_ARGS)``); its options are the
+#: ``spec``, one :class:`EvalConfig`
+TASK_ARGS = ("model", "tokenizer", "spec", "transform")
 
 
 class EvalConfig(BaseModel):

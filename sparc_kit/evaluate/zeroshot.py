@@ -16,7 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from sparc_kit.data.transforms import transform_for
+from sparc_kit.evaluate.data import iter_labelled_images, load_classnames
 from sparc_kit.evaluate.retrieval import _device, encode_image_batches
+from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig
+from sparc_kit.registry import evaluators
 
 __all__ = [
     "LABEL_ONLY",
@@ -144,3 +147,15 @@ def zeroshot_evaluate(
     out: dict[str, float | int] = {f"top{k}": correct[k] / n for k in ks}
     out.update(n=n, classes=num_classes)
     return out
+
+
+@evaluators.register("zeroshot", supplied=TASK_ARGS)
+def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
+    """Zero-shot classification: class names x prompt templates, averaged text embeddings; top-1 and top-k."""
+    classnames = load_classnames(spec.classnames, spec.data)
+    templates = resolve_templates(spec.templates)
+    samples = iter_labelled_images(spec.data, classnames, spec.max_samples)
+    metrics = zeroshot_evaluate(
+        model, tokenizer, samples, classnames, templates, batch_size=spec.batch_size, transform=transform
+    )
+    return metrics, {"classnames": len(classnames), "templates": list(templates)}

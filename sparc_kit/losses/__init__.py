@@ -23,7 +23,7 @@ from sparc_kit.losses.global_losses import ClipLoss, GlobalPlusFineLoss, SigLipL
 from sparc_kit.losses.mgca import MgcaLoss
 from sparc_kit.losses.pacl import PaclLoss
 from sparc_kit.losses.sparc import SparcLoss
-from sparc_kit.registry import losses
+from sparc_kit.registry import import_submodules, losses
 
 __all__ = [
     "build_loss",
@@ -51,3 +51,6 @@ def build_loss(recipe):
     require_recipe(recipe, "build_loss")
     entry = losses.get(recipe.loss.name)
     return entry.build(recipe.loss, offer={"embed_dim": recipe.model.embed_dim})
+
+
+import_submodules(__name__, __path__)  # every module registers its components: a new one is one new file

@@ -21,7 +21,7 @@ from sparc_kit.models.text import TextTransformer
 from sparc_kit.models.timm_encoder import TimmVisionEncoder
 from sparc_kit.models.vit import VisionTransformer
 from sparc_kit.registry import poolers as pooler_registry
-from sparc_kit.registry import text_encoders, vision_encoders
+from sparc_kit.registry import import_submodules, text_encoders, vision_encoders
 
 __all__ = [
     "DualEncoder",
@@ -89,3 +89,6 @@ def build_model(recipe: Any) -> DualEncoder:
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
+
+
+import_submodules(__name__, __path__)  # every module registers its components: a new one is one new file
