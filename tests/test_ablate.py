@@ -17,7 +17,7 @@ import typer
 from typer.testing import CliRunner
 
 import sparc_kit
-from sparc_cli.ablate_command import ablate_command
+from sparc_cli.ablate import ablate_command
 from sparc_kit.ablate import (
     AblationError,
     default_values,

@@ -18,7 +18,8 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from sparc_cli.data_commands import add_to
+from sparc_cli import data as data_command
+from sparc_cli import tokenizer as tokenizer_command
 from sparc_kit.data import ManifestDataset, Tokenizer, WebDataset
 
 
@@ -33,7 +34,8 @@ def _app() -> typer.Typer:
     def _root() -> None:
         """sparc (test app)"""
 
-    add_to(app)
+    data_command.register(app)
+    tokenizer_command.register(app)
     return app
 
 

@@ -532,7 +532,7 @@ def test_eval_config_and_spec_building(tiny_sets):
 
 @pytest.fixture(scope="module")
 def eval_app():
-    from sparc_cli.eval_command import eval_command
+    from sparc_cli.eval import eval_command
 
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     app.command("eval")(eval_command)

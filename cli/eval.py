@@ -1,7 +1,6 @@
 """``sparc eval RUN_OR_CHECKPOINT``: zero-shot classification and retrieval metrics as a table and as JSON.
 
-Registered in ``cli/main.py`` as ``app.command("eval")(eval_command)``. Thin: the library's
-:func:`~sparc_kit.evaluate.build_eval_specs`, :func:`~sparc_kit.pretrained.load_pretrained` and
+Thin: the library's :func:`~sparc_kit.evaluate.build_eval_specs`, :func:`~sparc_kit.pretrained.load_pretrained` and
 :func:`~sparc_kit.evaluate.run_evaluations` do the work. Bad input exits 2 with one line and no traceback.
 """
 
@@ -12,10 +11,13 @@ from typing import List, Optional
 
 import typer
 
+from sparc_cli._errors import fail, reported
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message.splitlines()[0] if message else 'failed'}", err=True)
-    raise typer.Exit(code)
+ORDER = 20
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
 
 
 def eval_command(
@@ -44,30 +46,21 @@ def eval_command(
     ),
 ) -> None:
     """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10."""
+    from sparc_kit.engines.base import resolve_device
     from sparc_kit.evaluate import build_eval_specs, check_task, result_rows, run_evaluations
     from sparc_kit.pretrained import load_pretrained
 
     specs = None  # without --data the run's recipe (its eval: section) decides, once it is loaded
-    try:
-        check_task(task)  # the task and data are checked before the model is loaded, so a typo fails fast
+    with reported():
+        check_task(task)  # the task, data and device are checked before the model is loaded: a typo fails fast
         if data:
             specs = build_eval_specs(task, data, classnames, templates, batch_size, max_samples)
-    except ValueError as exc:
-        _fail(str(exc))
-    from sparc_kit.engines.base import resolve_device
-
-    try:
         device = str(resolve_device(device, field="--device"))
-    except ValueError as exc:
-        _fail(str(exc))
-    try:
         pretrained = load_pretrained(target, device=device)
         if specs is None:
             recipe_specs = getattr(pretrained.recipe, "eval", None) or []
             specs = build_eval_specs(task, [], classnames, templates, batch_size, max_samples, recipe_specs)
         results = run_evaluations(pretrained, specs)
-    except (ValueError, OSError) as exc:
-        _fail(str(exc))
 
     from rich.console import Console
     from rich.table import Table
@@ -89,5 +82,5 @@ def eval_command(
                 json.dump(payload, f, indent=1)
                 f.write("\n")
         except OSError as exc:
-            _fail(f"{out}: cannot write ({exc.strerror or exc})")
+            fail(f"{out}: cannot write ({exc.strerror or exc})")
         typer.echo(f"wrote {out}")

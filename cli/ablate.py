@@ -1,7 +1,8 @@
 """``sparc ablate``: sweep recipe parameters, one run folder per grid point, then a results table and a plot.
 
-Registered in :mod:`sparc_cli.main` as ``app.command("ablate")(ablate_command)``. Exit codes as for ``sparc train``:
-2 bad input (one line per problem), 1 a point that failed (the others still run), 130 interrupted.
+A thin call of :mod:`sparc_kit.ablate`: ``plan_sweep``, ``format_plan``, ``run_sweep`` and ``write_report``.
+Exit codes as for ``sparc train``: 2 bad input (one line per problem), 1 a point that failed (the others still
+run), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from typing import List, Optional
 
 import typer
 
+from sparc_cli._errors import fail, reported
+
+ORDER = 30
+
 __all__ = ["ablate_command"]
 
 
-def _fail(lines: list[str] | str, code: int = 2) -> None:
-    for line in [lines] if isinstance(lines, str) else lines:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(code)
+def register(app: typer.Typer) -> None:
+    app.command("ablate")(ablate_command)
 
 
 def ablate_command(
@@ -51,26 +54,25 @@ def ablate_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-step progress while training."),
 ) -> None:
     """Sweep recipe parameters: every point validated first, finished points skipped, a table and plot at the end."""
-    from sparc_kit.ablate import AblationError, format_plan, plan_sweep, run_sweep, write_report
+    from sparc_kit.ablate import format_plan, plan_sweep, run_sweep, write_report
 
     if mode is not None and mode not in ("min", "max"):
-        _fail(f"--mode {mode}: expected min or max")
-    try:
+        fail(f"--mode {mode}: expected min or max")
+    with reported():
         sweep = plan_sweep(recipe, vary or [], seeds=seeds, overrides=set_ or [], out_dir=out)
-    except AblationError as exc:
-        _fail(exc.problems)
     typer.echo(format_plan(sweep))
     if dry_run:
         return
-    outcome = run_sweep(sweep, jobs=jobs, progress=not quiet, log=typer.echo)
-    report = write_report(sweep, metric=metric, mode=mode, failed=outcome.failed)
+    with reported():
+        outcome = run_sweep(sweep, jobs=jobs, progress=not quiet, log=typer.echo)
+        report = write_report(sweep, metric=metric, mode=mode, failed=outcome.failed)
     typer.echo("")
     typer.echo(report.markdown, nl=False)
     typer.echo(f"\nwrote {', '.join(report.files.values())}")
     if report.problems:
-        _fail(report.problems)
+        fail(report.problems)
     if outcome.interrupted:
         typer.echo("interrupted: finished points are kept; run the same command again to continue", err=True)
         raise typer.Exit(130)
     if outcome.failed:
-        _fail([f"{d}: {why}" for d, why in outcome.failed.items()], 1)
+        fail([f"{d}: {why}" for d, why in outcome.failed.items()], 1)
