@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO stages 0-3 with optimizer and parameter offload, behind the same engine interface.
 
 The DeepSpeed config is generated from the recipe (global batch, micro-batch, accumulation, clipping, bf16,
-ZeRO stage, offload, optimizer); ``engine.config`` passes any other raw DeepSpeed key through, and a raw key that
-contradicts what the recipe already sets is a recipe error (:func:`check_recipe`). DeepSpeed is imported only
+ZeRO stage, offload, optimizer; :mod:`sparc_kit.engines.deepspeed_config`); ``engine.config`` passes any other
+raw DeepSpeed key through, and a raw key that contradicts what the recipe already sets is a recipe error. DeepSpeed is imported only
 when a run uses this engine (the ``deepspeed`` extra: ``pip install 'sparc-kit[deepspeed]'``).
 
 Checkpoints go through DeepSpeed's own ``save_checkpoint`` / ``load_checkpoint`` (each rank writes its
@@ -27,6 +27,16 @@ import torch.nn as nn
 
 from sparc_kit.checkpoint import DEEPSPEED, weights_file, write_safetensors
 from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
+from sparc_kit.engines.deepspeed_config import (  # deepspeed_config, check_recipe: re-exported, their earlier home
+    HOUSEKEEPING,
+    check_recipe,
+    conflicts,
+    deepspeed_config,
+    generate_config,
+    merge,
+    settings_problems,
+    uses_ds_optimizer,
+)
 from sparc_kit.io import load_torch_file
 from sparc_kit.registry import engines
 
@@ -74,78 +84,6 @@ def _weights_only_loads(ds: Any) -> Iterator[None]:
         del engine.load
 SCALARS_FILE = "sparc_scalar_params.json"  # the 0-dim parameters the engine gave shape [1] (see _lift_scalars)
 
-#: Generated keys and the recipe field that decides them: a raw ``engine.config`` key under one of these must
-#: agree with the generated value (or, where the generated config has nothing there, is refused).
-OWNED_KEYS = {
-    "train_batch_size": "train.batch_size",
-    "train_micro_batch_size_per_gpu": "train.batch_size / (processes x train.accum_steps)",
-    "gradient_accumulation_steps": "train.accum_steps",
-    "gradient_clipping": "optim.grad_clip",
-    "bf16": "train.precision",
-    "fp16": "train.precision (fp16 is not supported; use bf16)",
-    "zero_optimization.stage": "engine.zero_stage",
-    "zero_optimization.offload_optimizer": "engine.offload_optimizer",
-    "zero_optimization.offload_param": "engine.offload_params",
-    "optimizer": "optim.* and engine.optimizer_impl",
-    "scheduler": "optim.schedule and optim.warmup_steps (the loop sets the learning rate every step)",
-}
-
-
-def _uses_ds_optimizer(impl: str) -> bool:
-    return impl == "deepspeed" or (impl == "auto" and torch.cuda.is_available())
-
-
-def deepspeed_config(
-    *,
-    global_batch: int,
-    world_size: int | None,
-    accum_steps: int,
-    grad_clip: float | None,
-    precision: str,
-    zero_stage: int,
-    offload_optimizer: bool,
-    offload_params: bool,
-    optimizer: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The DeepSpeed config a recipe implies (``world_size=None``: without the keys that depend on it).
-
-    ``optimizer``: ``{lr, betas, eps, weight_decay}`` when DeepSpeed builds the optimizer itself (its fused Adam,
-    or its CPU Adam when the optimizer is offloaded); None when the engine hands it a torch AdamW.
-    """
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    cfg: dict[str, Any] = {
-        "train_batch_size": global_batch,
-        "gradient_accumulation_steps": accum_steps,
-        "gradient_clipping": float(grad_clip) if grad_clip else 0.0,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": False},
-        "zero_optimization": zero,
-    }
-    if world_size is not None:
-        cfg["train_micro_batch_size_per_gpu"] = global_batch // (world_size * accum_steps)
-    if optimizer is not None:
-        cfg["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": optimizer["lr"],
-                "betas": list(optimizer["betas"]),
-                "eps": optimizer["eps"],
-                "weight_decay": optimizer["weight_decay"],
-            },
-        }
-    return cfg
-
-
-# settings of ours that are not the recipe's business (logging, the untested-optimizer guard for a torch AdamW)
-_HOUSEKEEPING = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False, "zero_allow_untested_optimizer": True}
-
-
-_BY_LENGTH = sorted(OWNED_KEYS, key=len, reverse=True)  # the most specific owner first
-
 
 def _size_defaults(module: nn.Module, zero_stage: int) -> dict[str, Any]:
     """Defaults that depend on the model and that the recipe may override: ZeRO-3 allocates its gradient bucket
@@ -171,101 +109,6 @@ def _set_zero3_fp32(param: torch.Tensor, value: torch.Tensor) -> None:
     if start < flat.numel():
         chunk = flat[start : start + partition.numel()]
         partition.data[: chunk.numel()].copy_(chunk)
-
-
-def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            yield from _leaves(value, path + ".")
-        else:
-            yield path, value
-
-
-def _lookup(tree: dict[str, Any], path: str) -> tuple[bool, Any]:
-    node: Any = tree
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def conflicts(raw: dict[str, Any], generated: dict[str, Any]) -> list[str]:
-    """One line per raw key that contradicts the generated config (see :data:`OWNED_KEYS`)."""
-    problems = []
-    for path, value in _leaves(raw):
-        owner = next((k for k in _BY_LENGTH if path == k or path.startswith(k + ".")), None)
-        present, generated_value = _lookup(generated, path)
-        if present:
-            same = generated_value == value or (
-                isinstance(value, (int, float)) and isinstance(generated_value, (int, float)) and value == generated_value
-            )
-            if not same:
-                field = OWNED_KEYS.get(owner, "the recipe") if owner else "the recipe"
-                problems.append(
-                    f"engine.config.{path}: {value!r} contradicts {field} (which gives {generated_value!r}); "
-                    f"set {field.split(' ')[0]} instead of the raw DeepSpeed key"
-                )
-        elif owner is not None:
-            subtree_present, _ = _lookup(generated, owner)
-            if not subtree_present:
-                problems.append(
-                    f"engine.config.{path}: DeepSpeed's {owner!r} is decided by {OWNED_KEYS[owner]}; set that "
-                    "instead of the raw key"
-                )
-    return problems
-
-
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _settings_problems(zero_stage: int, offload_optimizer: bool, offload_params: bool) -> list[str]:
-    problems = []
-    if offload_params and zero_stage != 3:
-        problems.append(
-            f"engine.offload_params: parameter offload needs engine.zero_stage=3 (got {zero_stage}); "
-            "set engine.zero_stage=3 or engine.offload_params=false"
-        )
-    if offload_optimizer and zero_stage == 0:
-        problems.append(
-            "engine.offload_optimizer: optimizer offload needs ZeRO (engine.zero_stage 1, 2 or 3, got 0)"
-        )
-    return problems
-
-
-def _generate(engine: Any, optim: Any, **layout: Any) -> dict[str, Any]:
-    """:func:`deepspeed_config` from an engine's settings (a recipe's ``engine`` section or the engine itself:
-    ``zero_stage``, ``offload_*``, ``optimizer_impl``) and AdamW's numbers (``optim``: the recipe's section or an
-    :class:`OptimizerSpec`)."""
-    return deepspeed_config(
-        zero_stage=engine.zero_stage,
-        offload_optimizer=engine.offload_optimizer,
-        offload_params=engine.offload_params,
-        optimizer=dict(lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-        if _uses_ds_optimizer(engine.optimizer_impl)
-        else None,
-        **layout,
-    )
-
-
-def check_recipe(recipe: Any, path: str = "engine") -> list[str]:
-    """The recipe-level problems of a DeepSpeed run: impossible offload settings and raw ``engine.config`` keys
-    that contradict the generated config."""
-    e, t = recipe.engine, recipe.train
-    problems = _settings_problems(e.zero_stage, e.offload_optimizer, e.offload_params)
-    generated = _generate(
-        e, recipe.optim, global_batch=t.batch_size, world_size=None, accum_steps=t.accum_steps,
-        grad_clip=recipe.optim.grad_clip, precision=t.precision,
-    )
-    return problems + conflicts(dict(e.config or {}), generated)
 
 
 def _skip_shm_build() -> None:
@@ -325,7 +168,7 @@ class DeepSpeedEngine(Engine):
             raise EngineSetupError(
                 "engine.name is 'deepspeed' but DeepSpeed is not installed: pip install 'sparc-kit[deepspeed]'"
             )
-        problems = _settings_problems(zero_stage, offload_optimizer, offload_params)
+        problems = settings_problems(zero_stage, offload_optimizer, offload_params)
         if problems:
             raise EngineSetupError(problems[0])
         super().__init__(device, precision)
@@ -364,15 +207,15 @@ class DeepSpeedEngine(Engine):
         if not self.shm_comm:
             _skip_shm_build()
 
-        use_ds_optimizer = _uses_ds_optimizer(self.optimizer_impl)
-        generated = _generate(
+        use_ds_optimizer = uses_ds_optimizer(self.optimizer_impl)
+        generated = generate_config(
             self, optimizer, global_batch=layout.global_batch, world_size=self.world_size,
             accum_steps=layout.accum_steps, grad_clip=grad_clip, precision=self.precision,
         )
         problems = conflicts(self.raw_config, generated)
         if problems:
             raise EngineSetupError(problems[0])
-        cfg = merge(merge(merge(generated, _HOUSEKEEPING), _size_defaults(module, self.zero_stage)), self.raw_config)
+        cfg = merge(merge(merge(generated, HOUSEKEEPING), _size_defaults(module, self.zero_stage)), self.raw_config)
         if self.offload_optimizer and not use_ds_optimizer:
             cfg.setdefault("zero_force_ds_cpu_optimizer", False)  # a torch AdamW steps the CPU master weights
         if self.device.type == "cuda":
