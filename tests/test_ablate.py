@@ -11,9 +11,11 @@ import json
 import os
 import statistics
 import struct
+from typing import Annotated
 
 import pytest
 import typer
+from pydantic import Field
 from typer.testing import CliRunner
 
 import sparc_kit
@@ -21,6 +23,7 @@ from sparc_cli.ablate import ablate_command
 from sparc_kit.ablate import (
     AblationError,
     default_values,
+    format_plan,
     num_patches,
     plan_sweep,
     point_state,
@@ -28,6 +31,8 @@ from sparc_kit.ablate import (
     run_sweep,
     write_report,
 )
+from sparc_kit.losses import ClipLoss
+from sparc_kit.registry import losses
 from sparc_kit.train import read_metrics, train
 
 from test_train import MICRO as TRAIN_MICRO  # noqa: E402  (the micro sparc_tiny every training test uses)
@@ -164,6 +169,59 @@ def test_default_grids_follow_the_patch_count():
     with pytest.raises(AblationError) as info:
         default_values(tiny, "loss.lambda_g")
     assert "float parameter has no default grid; give values" in info.value.problems[0]
+
+
+@pytest.mark.parametrize("loss", ["sparc", "filip", "pacl", "gloria", "mgca"])
+def test_every_combined_loss_declares_the_lambda_f_grid(loss):
+    """lambda_f weighs the fine-grained term in each of them; each declares the paper's grid on its signature."""
+    recipe = sparc_kit.load_recipe("sparc_tiny", [f"loss={{name: {loss}, lambda_g: 0.5}}"])
+    assert default_values(recipe, "loss.lambda_f") == [0.5, 1.0, 5.0, 10.0]
+
+
+class GridLoss(ClipLoss):
+    """CLIP's loss with knobs that declare their default grids, as a user's plugin loss would (a test loss)."""
+
+    def __init__(
+        self,
+        margin: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.1, 0.2, 0.4]})] = 0.1,
+        patch_share: Annotated[
+            float, Field(json_schema_extra={"ablate_grid": [1.0, 3.0], "ablate_grid_unit": "1/num_patches"})
+        ] = 0.0,
+        odd_unit: Annotated[float, Field(json_schema_extra={"ablate_grid": [1.0], "ablate_grid_unit": "per_token"})] = 0,
+        plain: float = 1.0,
+    ):
+        super().__init__()
+
+
+@pytest.fixture
+def grid_loss():
+    losses.register("grid_test")(GridLoss)
+    yield "grid_test"
+    losses._entries.pop("grid_test", None)  # there is no unregister API
+    losses.version += 1
+
+
+def test_a_plugin_loss_declares_the_grids_of_its_own_parameters(grid_loss, tmp_path):
+    recipe = sparc_kit.load_recipe("sparc_tiny", [f"loss={{name: {grid_loss}}}"])  # P = 64
+    assert default_values(recipe, "loss.margin") == [0.1, 0.2, 0.4]
+    assert default_values(recipe, "loss.patch_share") == [1 / 64, 3 / 64]  # relative to the patch count
+    with pytest.raises(AblationError) as info:
+        default_values(recipe, "loss.odd_unit")
+    assert info.value.problems == [
+        "--vary loss.odd_unit: its ablate_grid_unit 'per_token' is not one of 1/num_patches; give values"
+    ]
+    with pytest.raises(AblationError) as info:
+        default_values(recipe, "loss.plain")
+    assert "float parameter has no default grid; give values" in info.value.problems[0]
+
+    sweep = plan_sweep(
+        "sparc_tiny", ["margin", "patch_share"], overrides=[*MICRO, f"loss={{name: {grid_loss}}}"],
+        out_dir=str(tmp_path / "sw"),
+    )  # fmt: skip
+    assert [p.values for p in sweep.params] == [[0.1, 0.2, 0.4], [1 / P_MICRO, 3 / P_MICRO]]
+    assert [p.recipe.loss.margin for p in sweep.points[::2]] == [0.1, 0.2, 0.4]
+    assert sweep.patches == P_MICRO  # a grid in units of P: the plan and the report name P
+    assert "(P = 16 patches)" in format_plan(sweep)
 
 
 def test_patch_count_of_another_tower_is_read_from_a_meta_device_build():
