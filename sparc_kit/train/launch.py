@@ -34,7 +34,8 @@ from typing import Any, Sequence
 
 from sparc_kit.engines import BatchLayout
 from sparc_kit.errors import EngineSetupError, RunError, SparcError
-from sparc_kit.train.loop import TrainingInterrupted, TrainResult, train
+from sparc_kit.train.loop import TrainResult, train
+from sparc_kit.train.stopping import TrainingInterrupted
 
 __all__ = [
     "launch",
