@@ -21,6 +21,7 @@ import sparc_kit
 from sparc_kit.ablate import child, plan_sweep, point_state, run_sweep
 from sparc_kit.ablate import run as ablate_run
 from sparc_kit.config import dump_recipe
+from sparc_kit.errors import ComponentError
 from sparc_kit.registry import losses
 from sparc_kit.train import NonFiniteLossError, RunFolderBusyError, TrainingInterrupted, latest_checkpoint
 
@@ -42,13 +43,16 @@ def recipe_file(tmp_path, *extra: str) -> str:
         (None, 0, None),
         (NonFiniteLossError(3, float("nan"), 2), 1, "error: loss is nan at step 3"),
         (RunFolderBusyError("another process is training into RUN"), 1, "error: another process is training into RUN"),
-        (ValueError("heads 3 do not divide width 32\nmore"), 2, "error: heads 3 do not divide width 32"),
+        (ComponentError("heads 3 do not divide width 32\nmore"), 2, "error: heads 3 do not divide width 32"),
         (TrainingInterrupted(2, "RUN"), 130, "interrupted after step 2; checkpoint saved in RUN; run again to resume"),
-        (KeyboardInterrupt(), 130, "interrupted before the first step; nothing new was saved in RUN"),
-        (OSError("disk full"), 1, "error: OSError: disk full"),
+        (KeyboardInterrupt(), 130, "interrupted before the first step; nothing new was saved in {run}"),
+        # unanticipated (a bug, the machine; a plain ValueError too): the traceback goes to RUN/error.log
+        (OSError("disk full"), 1, "error: OSError: disk full (traceback: {run}/error.log)"),
+        (ValueError("a bug"), 1, "error: ValueError: a bug (traceback: {run}/error.log)"),
     ],
 )
 def test_child_exit_status_and_last_line(tmp_path, monkeypatch, capsys, raised, status, last_line):
+    run = str(tmp_path / "run")
     seen = []
 
     def fake_train(recipe, out_dir, progress=True):
@@ -57,15 +61,16 @@ def test_child_exit_status_and_last_line(tmp_path, monkeypatch, capsys, raised, 
             raise raised
 
     monkeypatch.setattr(child, "train", fake_train)
-    assert child.main([recipe_file(tmp_path), "RUN"]) == status
-    assert seen == [(4, "RUN", False)]  # the point's recipe, into its folder, without progress output
+    assert child.main([recipe_file(tmp_path), run]) == status
+    assert seen == [(4, run, False)]  # the point's recipe, into its folder, without progress output
     err = capsys.readouterr().err.strip().splitlines()
     if last_line is None:
         assert err == []
     else:
-        assert err[-1].startswith(last_line), err
-    if isinstance(raised, OSError):  # unanticipated: the traceback comes first, in the run's log
-        assert err[0] == "Traceback (most recent call last):"
+        assert err == [last_line.format(run=run)] or err[-1].startswith(last_line.format(run=run)), err
+    if status == 1 and "traceback" in last_line:
+        log = (tmp_path / "run" / "error.log").read_text()
+        assert "Traceback (most recent call last):" in log and str(raised) in log
 
 
 def test_child_refuses_a_bad_recipe_or_command_line_with_status_2(tmp_path, capsys):
@@ -122,12 +127,15 @@ def test_a_parallel_sweep_starts_library_children_and_reads_their_status(tmp_pat
     monkeypatch.setattr(ablate_run.subprocess, "Popen", FakeChild)
     outcome = run_sweep(sweep, jobs=2, log=None)
 
-    assert [c.cmd for c in FakeChild.started] == [
-        [sys.executable, "-m", "sparc_kit.ablate.child", os.path.join(p.run_dir, ".ablate_recipe.yaml"), p.run_dir]
-        for p in sweep.points
-    ]
+    started = {c.cmd[-1]: c for c in FakeChild.started}  # two at a time: in either order
+    assert sorted(started) == sorted(p.run_dir for p in sweep.points)
     threads = str(max(1, (os.cpu_count() or 1) // 2))
-    for c, point in zip(FakeChild.started, sweep.points):
+    for point in sweep.points:
+        c = started[point.run_dir]
+        assert c.cmd == [
+            sys.executable, "-m", "sparc_kit.ablate.child", os.path.join(point.run_dir, ".ablate_recipe.yaml"),
+            point.run_dir,
+        ]  # fmt: skip
         assert c.env["SPARC_PLUGINS"] == "my_losses.py"  # the children load the sweep's plugins
         assert c.env["OMP_NUM_THREADS"] == threads and c.env["MKL_NUM_THREADS"] == threads
         assert c.stderr is subprocess.STDOUT

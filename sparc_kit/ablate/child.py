@@ -6,8 +6,10 @@ there) and answers as ``sparc train RECIPE_FILE --out RUN_DIR --quiet`` would:
 
 - exit status 0: the run is complete;
 - 1: a run that started and cannot go on (:class:`~sparc_kit.errors.RunError`: a non-finite loss, a busy or
-  mismatched run folder, too many unreadable samples), or an error nobody anticipated (its traceback first);
-- 2: input it cannot use: the recipe, a plugin, a component or engine that rejects its options;
+  mismatched run folder, too many unreadable samples), or an error nobody anticipated, a bug or the machine (its
+  traceback in ``RUN_DIR/error.log``, :func:`sparc_kit.train.launch.write_traceback`);
+- 2: input it cannot use (:class:`~sparc_kit.errors.SparcError`): the recipe, a plugin, a component or engine
+  that rejects its options;
 - 130: interrupted (Ctrl-C, or the SIGINT the sweep sends its children); a run past its first step saves a
   checkpoint of its last step first.
 
@@ -19,12 +21,12 @@ point may use a user's own components. Warnings are written one line each (``war
 from __future__ import annotations
 
 import sys
-import traceback
 import warnings
 
 from sparc_kit.config import RecipeError, load_recipe
 from sparc_kit.errors import RunError, SparcError
 from sparc_kit.train import TrainingInterrupted, train
+from sparc_kit.train.launch import write_traceback
 
 __all__ = ["main"]
 
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         except RunError as exc:
             _say(f"error: {_first_line(exc)}")
             return 1
-        except (SparcError, ValueError) as exc:  # a plugin, component or engine that rejected the recipe
+        except SparcError as exc:  # a plugin, component or engine that rejected the recipe
             _say(f"error: {_first_line(exc)}")
             return 2
         except TrainingInterrupted as exc:
@@ -67,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # before the first step: there is no step to save
             _say(f"\ninterrupted before the first step; nothing new was saved in {run_dir}")
             return 130
-        except Exception as exc:  # noqa: BLE001  a bug or the disk: the whole traceback, then the one line
-            traceback.print_exc()
-            _say(f"error: {type(exc).__name__}: {_first_line(exc)}")
+        except Exception as exc:  # noqa: BLE001  a bug or the disk: one line naming the file with the traceback
+            _say(f"error: {type(exc).__name__}: {_first_line(exc)} (traceback: {write_traceback(exc, run_dir)})")
             return 1
     return 0
 
