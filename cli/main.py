@@ -27,7 +27,6 @@ from typing import List, Optional
 
 import typer
 
-import sparc_cli
 from sparc_cli._errors import reported
 
 app = typer.Typer(
@@ -42,8 +41,8 @@ app = typer.Typer(
 
 def command_modules() -> list[ModuleType]:
     """The command modules of this package, in ``ORDER``."""
-    names = [m.name for m in pkgutil.iter_modules(sparc_cli.__path__)]
-    modules = [importlib.import_module(f"sparc_cli.{n}") for n in names if n != "main" and not n.startswith("_")]
+    names = [m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])]
+    modules = [importlib.import_module(f"{__package__}.{n}") for n in names if n != "main" and not n.startswith("_")]
     return sorted(modules, key=lambda m: (m.ORDER, m.__name__))
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ConfigDict, create_model
 
-from sparc_kit.errors import ComponentError
+from sparc_kit.errors import ComponentError, SparcError
 
 __all__ = [
     "Registry",
@@ -51,7 +51,7 @@ __all__ = [
 ]
 
 
-class UnknownComponentError(KeyError):
+class UnknownComponentError(SparcError, KeyError):
     """A component name that is not registered under its kind."""
 
     def __init__(self, kind: str, name: str, known: list[str]):

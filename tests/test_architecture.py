@@ -175,3 +175,15 @@ def test_every_package_folder_is_installed():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
     assert sorted(folders - listed) == []
+
+
+def test_no_module_imports_the_facade_of_its_own_package():
+    """A package's ``__init__`` imports its modules (and, for component packages, every module in the folder); a
+    module of the package that imports the package itself depends on how far that ``__init__`` got."""
+    inward = sorted(
+        f"{module} imports {target}"
+        for module, path in MODULES.items()
+        for target in _imports(module, path, module_level=False)
+        if MODULES[target].name == "__init__.py" and module.startswith(target + ".")
+    )
+    assert inward == []

@@ -11,7 +11,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from sparc_kit.data import ManifestDataset, is_shard_pattern, open_dataset
+from sparc_kit.data.factory import is_shard_pattern, open_dataset
+from sparc_kit.data.manifest import ManifestDataset
 from sparc_kit.data.transforms import BadImageError
 
 __all__ = ["open_source", "iter_records", "verify", "VerifyReport"]

@@ -19,7 +19,7 @@ from typing import Any
 import fsspec
 from PIL import Image
 
-from sparc_kit.data import is_shard_pattern
+from sparc_kit.data.factory import is_shard_pattern
 from sparc_kit.data.filesystems import check_url
 from sparc_kit.data.records import iter_records, open_source
 from sparc_kit.data.webdataset import write_sample

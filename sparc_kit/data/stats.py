@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image
 
-from sparc_kit.data import ManifestDataset, Tokenizer
+from sparc_kit.data.manifest import ManifestDataset
+from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.records import iter_records, open_source
 from sparc_kit.errors import DataError
 

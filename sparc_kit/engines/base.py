@@ -175,6 +175,8 @@ class Engine:
         self.device = resolve_device(device)  # distributed engines re-resolve it with their local rank
         self.module: nn.Module | None = None  # the plain module (model + loss)
         self.wrapped: Any = None  # what forward goes through (the module itself, DDP, DeepSpeed's engine)
+        self.layout: BatchLayout | None = None  # given to setup()
+        self.grad_clip: float | None = None
         self.bounded: list[tuple[nn.Parameter, float, float]] = []  # clamped after every update
 
     # ------------------------------------------------------------------------------------------- identity
@@ -194,6 +196,15 @@ class Engine:
         layout: BatchLayout | None = None,
         grad_clip: float | None = None,
     ) -> None:
+        """Start (join the group), then take ``module`` and build its optimizer (:meth:`prepare`). ``layout`` (how
+        the global batch is cut) and ``grad_clip`` are kept as attributes for engines that configure their backend
+        with them (DeepSpeed)."""
+        self.start()
+        self.layout, self.grad_clip = layout, grad_clip
+        self.prepare(module, optimizer)
+
+    def prepare(self, module: nn.Module, optimizer: OptimizerSpec) -> None:
+        """Move or wrap ``module`` and build the optimizer: each engine's own part of :meth:`setup`."""
         raise NotImplementedError
 
     def __call__(self, *args, **kwargs):

@@ -14,7 +14,7 @@ from typing import Iterator, Literal
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
-from sparc_kit.engines.base import BatchLayout, EngineSetupError, OptimizerSpec
+from sparc_kit.engines.base import EngineSetupError, OptimizerSpec
 from sparc_kit.engines.local import LocalEngine
 from sparc_kit.registry import engines
 
@@ -55,14 +55,7 @@ class DDPEngine(LocalEngine):
     def start(self) -> None:
         self._join_group(self.backend, self.timeout_s)
 
-    def setup(
-        self,
-        module: nn.Module,
-        optimizer: OptimizerSpec,
-        layout: BatchLayout | None = None,
-        grad_clip: float | None = None,
-    ) -> None:
-        self.start()
+    def prepare(self, module: nn.Module, optimizer: OptimizerSpec) -> None:
         self._take(module, optimizer)
         self.wrapped = DistributedDataParallel(
             self.module,

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from sparc_kit.checkpoint import DEEPSPEED, weights_file, write_safetensors
-from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
+from sparc_kit.engines.base import Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec
 from sparc_kit.engines.deepspeed_config import (  # deepspeed_config, check_recipe: re-exported, their earlier home
     HOUSEKEEPING,
     check_recipe,
@@ -189,15 +189,8 @@ class DeepSpeedEngine(Engine):
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every process
         self._join_group("auto", self.timeout_s)
 
-    def setup(
-        self,
-        module: nn.Module,
-        optimizer: OptimizerSpec,
-        layout: BatchLayout | None = None,
-        grad_clip: float | None = None,
-    ) -> None:
-        self.start()
-        layout = self._fit_layout(layout)
+    def prepare(self, module: nn.Module, optimizer: OptimizerSpec) -> None:
+        layout = self._fit_layout(self.layout)
 
         import deepspeed
 
@@ -210,7 +203,7 @@ class DeepSpeedEngine(Engine):
         use_ds_optimizer = uses_ds_optimizer(self.optimizer_impl)
         generated = generate_config(
             self, optimizer, global_batch=layout.global_batch, world_size=self.world_size,
-            accum_steps=layout.accum_steps, grad_clip=grad_clip, precision=self.precision,
+            accum_steps=layout.accum_steps, grad_clip=self.grad_clip, precision=self.precision,
         )
         problems = conflicts(self.raw_config, generated)
         if problems:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from sparc_kit.checkpoint import load_module_weights
-from sparc_kit.engines.base import BatchLayout, Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec, resolve_device
+from sparc_kit.engines.base import Engine, EngineSetupError, NonFiniteGradient, OptimizerSpec, resolve_device
 from sparc_kit.registry import engines
 
 __all__ = ["LocalEngine", "resolve_device"]
@@ -26,13 +26,7 @@ class LocalEngine(Engine):
         super().__init__(device, precision)
         self.optimizer: torch.optim.Optimizer | None = None
 
-    def setup(
-        self,
-        module: nn.Module,
-        optimizer: OptimizerSpec,
-        layout: BatchLayout | None = None,
-        grad_clip: float | None = None,
-    ) -> None:
+    def prepare(self, module: nn.Module, optimizer: OptimizerSpec) -> None:
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1:
             raise EngineSetupError(
