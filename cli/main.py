@@ -41,7 +41,8 @@ app = typer.Typer(
 
 def command_modules() -> list[ModuleType]:
     """The command modules of this package, in ``ORDER``."""
-    names = [m.name for m in pkgutil.iter_modules([os.path.dirname(__file__)])]
+    package = sys.modules[__package__]  # this module's own package, already loaded (no import of its facade)
+    names = [m.name for m in pkgutil.iter_modules(package.__path__)]
     modules = [importlib.import_module(f"{__package__}.{n}") for n in names if n != "main" and not n.startswith("_")]
     return sorted(modules, key=lambda m: (m.ORDER, m.__name__))
 
