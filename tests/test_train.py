@@ -504,3 +504,24 @@ def test_diagnostics_are_computed_on_logged_steps_only_and_every_row_has_the_sam
     assert [r["step"] for r in result.metrics] == [3, 6]
     assert result.metrics[0].keys() == result.metrics[1].keys()
     assert {"shortcut_gap", "zeroed_fraction", "patches_per_token", "loss", "grad_norm"} <= result.metrics[0].keys()
+
+
+def test_a_ctrl_c_swallowed_during_set_up_is_raised_again():
+    """Some C code clears the KeyboardInterrupt a signal handler raised inside it (numpy, drawing the synthetic
+    captions); the set-up's handler records it and the next check raises it, so the run does not train on."""
+    import os
+    import signal
+
+    from sparc_kit.train.stopping import SetupInterrupts, check_interrupted
+
+    with SetupInterrupts():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs at the next bytecode boundary
+                pass
+        except KeyboardInterrupt:
+            pass  # what the C code did
+        with pytest.raises(KeyboardInterrupt):
+            check_interrupted()
+    check_interrupted()  # outside a set-up nothing is pending
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

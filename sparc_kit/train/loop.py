@@ -57,7 +57,7 @@ from sparc_kit.train.run_folder import (
 from sparc_kit.train.schedule import lr_factor
 from sparc_kit.train.state import TrainState
 from sparc_kit.train.step import NonFiniteLossError, train_step
-from sparc_kit.train.stopping import StopSignals, TrainingInterrupted, on_main
+from sparc_kit.train.stopping import SetupInterrupts, StopSignals, check_interrupted, TrainingInterrupted, on_main
 
 __all__ = [
     "train",
@@ -106,6 +106,7 @@ def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None
         captions = list(dataset.captions(t.train_captions))
     else:
         captions = [dataset[i]["caption"] for i in range(min(len(dataset), t.train_captions))]
+    check_interrupted()
     tokenizer = Tokenizer.train(captions, vocab_size=t.vocab_size, model_type=t.model_type, **kwargs)
     cut = tokenizer.truncated_fraction(captions)
     if cut > 0.05:
@@ -191,6 +192,7 @@ def train(
                 stack.enter_context(run_lock(out_dir))
 
             on_main(engine, take_lock)
+            stack.enter_context(SetupInterrupts())
             return _train(recipe, out_dir, engine, layout, progress, callback)
     finally:
         engine.close()
@@ -211,6 +213,7 @@ def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str 
             f"tokenizer.vocab_size: the tokenizer has {tokenizer.vocab_size} pieces but tokenizer.vocab_size is "
             f"{recipe.tokenizer.vocab_size}; set it to at least {tokenizer.vocab_size}"
         ])
+    check_interrupted()
     tokenizer.save(os.path.join(out_dir, TOKENIZER))
     atomic_write(os.path.join(out_dir, RECIPE), dump_recipe(recipe))
     if saved is not None:
@@ -251,7 +254,9 @@ def _next_batch(
             )
 
 
-def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback) -> TrainResult:
+def _train(
+    recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progress: bool, callback
+) -> TrainResult:
     t0 = time.perf_counter()
     cfg_train, cfg_optim = recipe.train, recipe.optim
     ckpt_root = os.path.join(out_dir, CHECKPOINTS)
@@ -349,6 +354,7 @@ def _train(recipe: Any, out_dir: str, engine: Engine, layout: BatchLayout, progr
     in_update = False
     module.train()
     stop = StopSignals(force_after=2 if engine.world_size == 1 else 3)
+    check_interrupted()  # an interrupt some C code swallowed during the set-up
     try:
         with stop:
             batches = iter(loader)

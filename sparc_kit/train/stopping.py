@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from sparc_kit.engines.base import Engine
 
-__all__ = ["TrainingInterrupted", "FromMainProcess", "StopSignals", "on_main", "portable"]
+__all__ = ["TrainingInterrupted", "FromMainProcess", "StopSignals", "SetupInterrupts", "check_interrupted", "on_main", "portable"]
 
 
 class TrainingInterrupted(RuntimeError):
@@ -66,6 +66,46 @@ def on_main(engine: Engine, fn: Callable[[], Any]) -> Any:
             error.from_main = True
         raise error
     return result
+
+
+class SetupInterrupts:
+    """Ctrl-C while a run is being set up (data, tokenizer, model, engine) stops it at once, as Python's own handler
+    does, by raising ``KeyboardInterrupt``. Some C code clears an exception raised from a signal handler and goes
+    on (numpy picking from a list does, seen while the synthetic captions are drawn for the tokenizer), which would
+    lose the interrupt and train the whole run; the handler also records it, and :func:`check_interrupted` raises
+    it again at the set-up's next step (before the tokenizer is trained, before the run folder is written, before
+    the first step)."""
+
+    active: list["SetupInterrupts"] = []
+
+    def __init__(self):
+        self.seen, self.previous = False, None
+
+    def __enter__(self):
+        with contextlib.suppress(ValueError):  # not the main thread: Python's own handling stays
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        SetupInterrupts.active.append(self)
+        return self
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.seen:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        SetupInterrupts.active.remove(self)
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+
+def check_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` when a Ctrl-C during the set-up was swallowed on its way (:class:`SetupInterrupts`)."""
+    for setup in SetupInterrupts.active:
+        setup.check()
 
 
 class StopSignals:
