@@ -38,7 +38,7 @@ from sparc_kit.data.sources import (
     read_manifest_rows,
     row_captions,
 )
-from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
+from sparc_kit.data.transforms import BadImageError, ResizeMode, StoredImages, stable_seed
 from sparc_kit.registry import datasets
 
 # the manifest readers live in sparc_kit.data.sources (shared with the evaluation sets); named here too
@@ -46,7 +46,7 @@ __all__ = ["ManifestDataset", "ManifestError", "read_manifest_rows", "is_url", "
 
 
 @datasets.register("manifest")
-class ManifestDataset(Dataset):
+class ManifestDataset(StoredImages, Dataset):
     """Images and captions listed in a JSONL or CSV manifest, local or on any fsspec filesystem.
 
     Each line names an image (``image_key``; relative to ``image_root``, by default the manifest's folder, or
@@ -73,21 +73,15 @@ class ManifestDataset(Dataset):
         random_resized_crop: bool = False,
         storage_options: dict[str, Any] | None = None,
     ):
-        if max_caption_chars <= 0:
-            raise ValueError(f"max_caption_chars must be positive, got {max_caption_chars}")
+        self._keep_image_settings(
+            image_size, seed, max_caption_chars, resize_mode, random_resized_crop, storage_options
+        )
         self.path = path
         self.image_key = image_key
         self.caption_key = caption_key
         self.captions_key = captions_key
         self.image_root = image_root if image_root is not None else folder_of(path)
         self.format = manifest_format(path, format)
-        self.image_size = image_size
-        self.seed = seed
-        self.max_caption_chars = max_caption_chars
-        self.storage_options = dict(storage_options or {})
-        self.transform = ImageTransform(
-            image_size, train=True, resize_mode=resize_mode, random_resized_crop=random_resized_crop, seed=seed
-        )
         self.images: list[str] = []
         self.texts: list[list[Any]] = []  # the raw caption values of each row, validated when read
         self.keys: list[str] = []

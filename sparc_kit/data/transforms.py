@@ -35,6 +35,7 @@ __all__ = [
     "EvalTransform",
     "transform_for",
     "model_image_size",
+    "StoredImages",
     "IMAGE_MEAN",
     "IMAGE_STD",
 ]
@@ -300,3 +301,27 @@ def model_image_size(model: torch.nn.Module, recipe: Any = None) -> int:
 def transform_for(model: torch.nn.Module, recipe: Any = None) -> EvalTransform:
     """The evaluation transform for ``model``."""
     return EvalTransform(model_image_size(model, recipe))
+
+
+class StoredImages:
+    """What the datasets that read stored images keep alike (``manifest``, ``webdataset``): the image size and
+    seed, the caption cut, the filesystem options and the training-view :class:`ImageTransform`."""
+
+    def _keep_image_settings(
+        self,
+        image_size: int | None,
+        seed: int,
+        max_caption_chars: int,
+        resize_mode: ResizeMode,
+        random_resized_crop: bool,
+        storage_options: dict[str, Any] | None,
+    ) -> None:
+        if max_caption_chars <= 0:
+            raise ValueError(f"max_caption_chars must be positive, got {max_caption_chars}")
+        self.image_size = image_size
+        self.seed = seed
+        self.max_caption_chars = max_caption_chars
+        self.storage_options = dict(storage_options or {})
+        self.transform = ImageTransform(
+            image_size, train=True, resize_mode=resize_mode, random_resized_crop=random_resized_crop, seed=seed
+        )

@@ -59,7 +59,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from sparc_kit.data.filesystems import FilesystemUnavailableError, check_url
 from sparc_kit.data.sources import SHARD_ERROR, Opener, expand_urls, is_url, iter_tar, split_name, write_sample
-from sparc_kit.data.transforms import BadImageError, ImageTransform, ResizeMode, stable_seed
+from sparc_kit.data.transforms import BadImageError, ResizeMode, StoredImages, stable_seed
 from sparc_kit.errors import SparcError
 from sparc_kit.registry import datasets
 
@@ -104,7 +104,7 @@ def _shuffle(items: Iterator, size: int, rng: random.Random) -> Iterator:
 
 # ---------------------------------------------------------------------------------------------------- dataset
 @datasets.register("webdataset")
-class WebDataset(IterableDataset):
+class WebDataset(StoredImages, IterableDataset):
     """Tar shards of ``KEY.jpg``/``KEY.png`` + ``KEY.txt`` (or ``KEY.json`` with ``caption`` / ``captions``).
 
     ``urls`` is a brace pattern, local or any fsspec URL (``s3://bucket/train-{000..127}.tar``), with
@@ -154,15 +154,9 @@ class WebDataset(IterableDataset):
         self.text_exts = tuple(e.lower().lstrip(".") for e in text_exts)
         self.shuffle_buffer = shuffle_buffer
         self.resampled = resampled
-        self.image_size = image_size
-        self.seed = seed
         self.length = length
-        self.max_caption_chars = max_caption_chars
         self.bad_samples = bad_samples
-        self.storage_options = dict(storage_options or {})
-        self.transform = ImageTransform(
-            image_size, train=True, resize_mode=resize_mode, random_resized_crop=random_resized_crop, seed=seed
-        )
+        self._keep_image_settings(image_size, seed, max_caption_chars, resize_mode, random_resized_crop, storage_options)
         self.start, self.rank, self.world_size, self.batch_size = 0, 0, 1, 1
         self._counts: dict[str, int] = {}
         self._opener = Opener(self.storage_options, field="data.urls")

@@ -8,7 +8,7 @@ from typing import Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "TASK_ARGS", "spec_names"]
+__all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "TASK_ARGS", "spec_names", "template_problem"]
 
 AVAILABLE_TASKS = ("zeroshot", "retrieval")
 PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented yet
@@ -16,6 +16,14 @@ PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented y
 #: what every evaluator is called with (``evaluators.register(TASK, supplied=TASK_ARGS)``); its options are the
 #: ``spec``, one :class:`EvalConfig`
 TASK_ARGS = ("model", "tokenizer", "spec", "transform")
+
+
+def template_problem(templates: Sequence[str]) -> str | None:
+    """What is wrong with a list of prompt templates (none given, one without ``{}`` for the class name), or None."""
+    if not templates:
+        return "none given"
+    bad = [t for t in templates if "{}" not in t]
+    return f"{bad[0]!r} has no '{{}}' for the class name" if bad else None
 
 
 class EvalConfig(BaseModel):
@@ -43,12 +51,8 @@ class EvalConfig(BaseModel):
     @field_validator("templates")
     @classmethod
     def _templates(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list):
-            if not value:
-                raise ValueError("give at least one template")
-            bad = [t for t in value if "{}" not in t]
-            if bad:
-                raise ValueError(f"template {bad[0]!r} has no '{{}}' for the class name")
+        if isinstance(value, list) and (problem := template_problem(value)):
+            raise ValueError(f"templates: {problem}")
         return value
 
     @field_validator("data")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sparc_kit.data.transforms import transform_for
 from sparc_kit.evaluate.data import iter_labelled_images, load_classnames
 from sparc_kit.evaluate.retrieval import _device, encode_image_batches
-from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig
+from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig, template_problem
 from sparc_kit.registry import evaluators
 
 __all__ = [
@@ -64,11 +64,8 @@ def resolve_templates(spec: str | Sequence[str]) -> tuple[str, ...]:
             ) from None
     else:
         templates = tuple(spec)
-    if not templates:
-        raise ValueError("templates: none given")
-    bad = [t for t in templates if "{}" not in t]
-    if bad:
-        raise ValueError(f"templates: {bad[0]!r} has no '{{}}' for the class name")
+    if problem := template_problem(templates):
+        raise ValueError(f"templates: {problem}")
     return templates
 
 

@@ -5,15 +5,13 @@ Shapes: B batch, P patches, L tokens, D embedding width; ``token_mask`` [B, L] i
 
 from __future__ import annotations
 
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
+from sparc_kit.losses.global_losses import FineWeight, GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["FilipLoss", "filip_similarities", "drop_tokens"]
@@ -103,7 +101,7 @@ class FilipLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 0.0,
-        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        lambda_f: FineWeight = 1.0,
         token_drop: float = 0.2,
         global_loss: GlobalLossName = "clip",
         local_loss: bool = True,
@@ -130,10 +128,4 @@ class FilipLoss(GlobalPlusFineLoss):
 
             loss, logits_i2t, logits_t2i, targets = pairwise_contrast(scores, (patch_embeds,), (token_embeds, mask))
         return loss, (logits_i2t, logits_t2i, targets)
-
-    def forward(
-        self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_
-    ) -> dict[str, torch.Tensor]:
-        fine, logits = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale)
-        return self.combine(fine, image_embeds, text_embeds, logit_scale, logits)
 

@@ -9,11 +9,12 @@ weighted by ``lambda_g``, plus the baseline's own term weighted by ``lambda_f`` 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field
 
 from sparc_kit.losses.distributed import _row_counts, batch_share, gather_rows, world
 from sparc_kit.losses.functional import scale_like, wide
@@ -24,6 +25,7 @@ __all__ = [
     "SigLipLoss",
     "GlobalPlusFineLoss",
     "GlobalLossName",
+    "FineWeight",
     "build_global_term",
     "gather_features",
     "global_logits",
@@ -31,6 +33,10 @@ __all__ = [
 ]
 
 GlobalLossName = Literal["clip", "siglip"]
+
+#: ``lambda_f``, the weight of a combined loss's own fine-grained term, with the grid ``sparc ablate --vary lambda_f``
+#: sweeps by default (the paper's 0.5, 1, 5, 10)
+FineWeight = Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})]
 
 #: SigLIP's initial bias (Zhai et al. 2023 initialise t' = log 10 and b = -10), so that at initialisation the
 #: B^2 - B negative pairs, which vastly outnumber the B positives, start near their target instead of
@@ -233,6 +239,17 @@ class GlobalPlusFineLoss(nn.Module):
 
     def global_loss(self, image_embeds, text_embeds, logit_scale) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.global_term.global_loss(image_embeds, text_embeds, logit_scale)
+
+    def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale) -> tuple[torch.Tensor, Any]:
+        """The loss's own term and its cross-batch logits for :meth:`combine` (or None): each baseline's part."""
+        raise NotImplementedError
+
+    def forward(
+        self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_
+    ) -> dict[str, torch.Tensor]:
+        """The loss of the batch: the own term (:meth:`fine_loss`) combined with the global one."""
+        fine, logits = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale)
+        return self.combine(fine, image_embeds, text_embeds, logit_scale, logits)
 
     def combine(
         self,

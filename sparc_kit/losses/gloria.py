@@ -6,15 +6,13 @@ Shapes: B batch, P patches, L tokens, D embedding width; ``token_mask`` [B, L] i
 from __future__ import annotations
 
 import math
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
+from sparc_kit.losses.global_losses import FineWeight, GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["GloriaLoss", "gloria_similarities"]
@@ -88,7 +86,7 @@ class GloriaLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 1.0,
-        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        lambda_f: FineWeight = 1.0,
         tau2: float = 5.0,
         double_softmax: bool = False,
         tau1: float = 4.0,
@@ -118,9 +116,3 @@ class GloriaLoss(GlobalPlusFineLoss):
                 scores, (patch_embeds,), (token_embeds, token_mask.bool())
             )
         return loss, (logits_i2t, logits_t2i, targets)
-
-    def forward(
-        self, image_embeds, text_embeds, patch_embeds, token_embeds, token_mask, logit_scale, **_
-    ) -> dict[str, torch.Tensor]:
-        fine, logits = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale)
-        return self.combine(fine, image_embeds, text_embeds, logit_scale, logits)

@@ -8,18 +8,18 @@ real tokens.
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
+from pydantic import NonNegativeFloat, PositiveFloat, PositiveInt
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.parameter import UninitializedParameter
 
 from sparc_kit.losses.distributed import gather_rows
 from sparc_kit.losses.functional import masked_pairwise_contrastive_loss, scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
+from sparc_kit.losses.global_losses import FineWeight, GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["MgcaLoss", "CrossAttention", "Prototypes", "sinkhorn_knopp"]
@@ -188,7 +188,7 @@ class MgcaLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 1.0,
-        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        lambda_f: FineWeight = 1.0,
         attn_dim: int = 128,
         embed_dim: int | None = None,
         average: Literal["token", "caption"] = "caption",

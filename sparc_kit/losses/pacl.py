@@ -5,15 +5,13 @@ Shapes: B batch, P patches, D embedding width.
 
 from __future__ import annotations
 
-from typing import Annotated
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
 from sparc_kit.losses.distributed import pairwise_contrast
 from sparc_kit.losses.functional import scale_like, wide
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
+from sparc_kit.losses.global_losses import FineWeight, GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["PaclLoss", "pacl_similarities"]
@@ -74,7 +72,7 @@ class PaclLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 0.0,
-        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        lambda_f: FineWeight = 1.0,
         attn_scale: float | None = 1.0,
         global_loss: GlobalLossName = "clip",
         local_loss: bool = True,

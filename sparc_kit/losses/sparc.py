@@ -10,7 +10,7 @@ from pydantic import Field
 from sparc_kit.losses.diagnostics import diagnostics_enabled
 from sparc_kit.losses.functional import average_denominator, sparc_alignment_weights, sparc_fine_grained_loss, wide
 from sparc_kit.losses.distributed import share_gradient
-from sparc_kit.losses.global_losses import GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
+from sparc_kit.losses.global_losses import FineWeight, GlobalLossName, GlobalPlusFineLoss, check_global_head_trained
 from sparc_kit.registry import losses
 
 __all__ = ["SparcLoss"]
@@ -40,7 +40,7 @@ class SparcLoss(GlobalPlusFineLoss):
     def __init__(
         self,
         lambda_g: float = 0.5,
-        lambda_f: Annotated[float, Field(json_schema_extra={"ablate_grid": [0.5, 1.0, 5.0, 10.0]})] = 1.0,
+        lambda_f: FineWeight = 1.0,
         sparsity_threshold: Annotated[
             float | None,
             Field(json_schema_extra={"ablate_grid": [0.0, 0.5, 1.0, 2.0, 4.0], "ablate_grid_unit": "1/num_patches"}),

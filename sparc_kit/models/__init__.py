@@ -28,13 +28,7 @@ __all__ = [
     "VisionTransformer",
     "TimmVisionEncoder",
     "TextTransformer",
-    "MeanPooler",
-    "ClsPooler",
-    "LastTokenPooler",
-    "AttentionPooler",
-    "MaxPooler",
-    "masked_mean",
-    "masked_max",
+    *poolers.__all__,
     "build_model",
 ]
 

@@ -197,3 +197,21 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
+
+
+class TransformerTower(nn.Module):
+    """What the native towers share: a ``width`` wide :class:`Transformer` as ``self.transformer``, whose output
+    width, gradient checkpointing and attention backend the dual encoder and the model builder set."""
+
+    width: int
+    transformer: Transformer
+
+    @property
+    def output_dim(self) -> int:
+        return self.width
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+    def set_attention_backend(self, backend: str) -> None:
+        self.transformer.set_backend(backend)

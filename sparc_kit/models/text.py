@@ -9,6 +9,7 @@ import torch.nn as nn
 from pydantic import PositiveFloat, PositiveInt
 
 from sparc_kit.models.attention import (
+    TransformerTower,
     Transformer,
     attention_mask,
     divisibility_problems,
@@ -30,7 +31,7 @@ __all__ = ["TextTransformer"]
     supplied=("vocab_size", "context_length", "attention", "grad_checkpointing"),
     check=check_text_transformer,
 )
-class TextTransformer(nn.Module):
+class TextTransformer(TransformerTower):
     """Pre-LN text Transformer with learned positions. ``forward`` returns token features [B, L, W].
 
     ``vocab_size`` and ``context_length`` default to the tokenizer's (the recipe's ``tokenizer`` section), so the
@@ -78,16 +79,6 @@ class TextTransformer(nn.Module):
         w = section.width
         vocab, context = recipe.tokenizer.vocab_size, recipe.tokenizer.context_length
         return vocab * w + context * w + 2 * w + transformer_parameter_count(w, section.depth, section.mlp_ratio)
-
-    @property
-    def output_dim(self) -> int:
-        return self.width
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
-
-    def set_attention_backend(self, backend: str) -> None:
-        self.transformer.set_backend(backend)
 
     def forward(self, token_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
         n = token_ids.shape[1]

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from pydantic import PositiveFloat, PositiveInt
 
-from sparc_kit.models.attention import Transformer, divisibility_problems, init_weights, transformer_parameter_count
+from sparc_kit.models.attention import TransformerTower, Transformer, divisibility_problems, init_weights, transformer_parameter_count
 from sparc_kit.registry import vision_encoders
 
 __all__ = ["VisionTransformer"]
@@ -28,7 +28,7 @@ def check_vit(recipe: Any, path: str) -> list[str]:
 
 
 @vision_encoders.register("vit", supplied=("attention", "grad_checkpointing"), check=check_vit)
-class VisionTransformer(nn.Module):
+class VisionTransformer(TransformerTower):
     """Pre-LN ViT. ``forward_features`` returns ``{"patch_tokens": [B, P, W], "cls_token": [B, W] | None}``.
 
     The paper's image towers have no class token (the global embedding is average-pooled); ``class_token``
@@ -77,16 +77,6 @@ class VisionTransformer(nn.Module):
         return patch_embed + tokens * w + (w if section.class_token else 0) + 2 * w + transformer_parameter_count(
             w, section.depth, section.mlp_ratio
         )
-
-    @property
-    def output_dim(self) -> int:
-        return self.width
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
-
-    def set_attention_backend(self, backend: str) -> None:
-        self.transformer.set_backend(backend)
 
     def forward_features(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
