@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -25,6 +26,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+@dataclass
 class ResumableBatchSampler(Sampler[list[int]]):
     """An endless stream of batches over reshuffled epochs, that can start at any sample position.
 
@@ -39,29 +41,21 @@ class ResumableBatchSampler(Sampler[list[int]]):
     ``epoch_aware = True`` and reads ``index % n`` and ``index // n``.
     """
 
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        start: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        with_epoch: bool = False,
-    ):
-        if num_samples <= 0:
+    num_samples: int
+    batch_size: int
+    seed: int = 0
+    start: int = 0
+    rank: int = 0
+    world_size: int = 1
+    with_epoch: bool = False
+
+    def __post_init__(self):
+        if self.num_samples <= 0:
             raise DataError("the dataset is empty")
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-        self.num_samples = num_samples
-        self.batch_size = batch_size
-        self.seed = seed
-        self.start = start
-        self.rank = rank
-        self.world_size = world_size
-        self.with_epoch = with_epoch
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, {self.world_size}), got {self.rank}")
 
     def _epoch(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
