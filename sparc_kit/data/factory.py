@@ -18,9 +18,9 @@ __all__ = ["build_dataset", "is_shard_pattern", "open_dataset", "make_train_load
 
 def build_dataset(recipe: Any):
     """The training dataset of a recipe; ``image_size`` defaults to the vision tower's."""
-    spec = recipe.data
-    entry = datasets.get(spec.name)
-    params = spec.model_dump(exclude={"name"})
+    section = recipe.data
+    entry = datasets.get(section.name)
+    params = section.model_dump(exclude={"name"})
     if "image_size" in entry.config.model_fields and params.get("image_size") is None:
         params["image_size"] = getattr(recipe.model.vision, "image_size", None)
     return entry.build(params)

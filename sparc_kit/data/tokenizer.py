@@ -7,8 +7,6 @@ end token last (kept when a long caption is truncated) and padding after it; the
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from typing import Iterable
 
 import fsspec
@@ -17,6 +15,7 @@ import torch
 
 from sparc_kit.data.filesystems import check_url
 from sparc_kit.errors import DataError
+from sparc_kit.io import atomic_write
 
 __all__ = ["Tokenizer", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
 
@@ -79,13 +78,7 @@ class Tokenizer:
             with fsspec.open(path, "wb") as f:
                 f.write(self.model_proto)
             return
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tokenizer-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(self.model_proto)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        atomic_write(path, self.model_proto)
 
     # ------------------------------------------------------------------------------------------------- use
     @property

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -16,6 +15,7 @@ import torch
 from sparc_kit.errors import SparcError
 from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, load_classnames, shard_urls
 from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
+from sparc_kit.io import atomic_write
 from sparc_kit.registry import evaluators
 
 __all__ = [
@@ -78,22 +78,6 @@ def _count(metrics: dict[str, Any]) -> int:
     return int(metrics["n"] if "n" in metrics else metrics.get("images", 0))
 
 
-def _atomic_write_json(path: str, payload: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-eval-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def run_evaluations(
     pretrained: Any,
     specs: Sequence[EvalConfig | dict],
@@ -118,7 +102,7 @@ def run_evaluations(
             )
             if write:
                 result.path = os.path.join(out_dir, f"{name}.json")
-                _atomic_write_json(result.path, result.to_json(pretrained.step, pretrained.checkpoint))
+                atomic_write(result.path, json.dumps(result.to_json(pretrained.step, pretrained.checkpoint), indent=1) + "\n")
             results.append(result)
     finally:
         model.train(was_training)

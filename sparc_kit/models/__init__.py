@@ -57,8 +57,8 @@ def build_model(recipe: Any) -> DualEncoder:
         "context_length": recipe.tokenizer.context_length,
     }
 
-    def build(registry, spec, **more):
-        return registry.get(spec.name).build(spec, offer={**available, **more})
+    def build(registry, section, **more):
+        return registry.get(section.name).build(section, offer={**available, **more})
 
     vision = build(vision_encoders, m.vision)
     text_tower = build(text_encoders, m.text)

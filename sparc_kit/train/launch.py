@@ -34,6 +34,7 @@ from typing import Any, Sequence
 
 from sparc_kit.engines import BatchLayout
 from sparc_kit.errors import EngineSetupError, RunError, SparcError
+from sparc_kit.io import atomic_write
 from sparc_kit.train.loop import TrainResult, train
 from sparc_kit.train.stopping import TrainingInterrupted
 
@@ -107,9 +108,7 @@ def record_failure(line: str, exit_code: int, *, from_main: bool = False, peer: 
     rank = int(os.environ.get("RANK", "0") or 0)
     record = {"rank": rank, "code": exit_code, "line": line, "time": time.time(), "from_main": from_main, "peer": peer}
     path = os.path.join(folder, f"rank_{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f)
-    os.replace(path + ".tmp", path)
+    atomic_write(path, json.dumps(record))
     return True
 
 
