@@ -418,3 +418,41 @@ def test_every_built_in_component_module_is_imported_by_its_package():
         module = getattr(sparc_kit, package)
         names = [i.name for i in pkgutil.iter_modules(module.__path__) if not i.name.startswith("_")]
         assert names and all(f"sparc_kit.{package}.{n}" in sys.modules for n in names), package
+
+
+def test_the_eval_section_is_built_from_the_evaluator_registry():
+    """``eval:`` entries are a union keyed on ``task`` over the registered evaluators, as ``loss:`` is over the
+    losses: an evaluator registered with an options model of its own is a valid task with its own fields at once,
+    and an unknown task is one line naming the registered ones."""
+    from pydantic import Field
+
+    from sparc_kit import RecipeError, load_recipe
+    from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig, eval_entry
+    from sparc_kit.registry import evaluators
+
+    class CountOptions(EvalConfig):
+        limit: int = Field(3, gt=0)
+
+    @evaluators.register("count_images", config=CountOptions, supplied=TASK_ARGS, override=True)
+    def count_images(model, tokenizer, spec, transform=None):
+        return {"n": spec.limit}, {}
+
+    try:
+        recipe = load_recipe("sparc_tiny", ["eval=[{task: count_images, data: x.tar, limit: 7}]"])
+        assert type(recipe.eval[0]).__name__ == "eval.count_images" and recipe.eval[0].limit == 7
+        assert eval_entry({"task": "count_images", "data": "x.tar"}).limit == 3
+        with pytest.raises(RecipeError) as info:
+            load_recipe("sparc_tiny", ["eval=[{task: count_images, data: x.tar, limit: 0}]"])
+        assert info.value.problems == ["eval.0.limit: got 0; input should be greater than 0"]
+        with pytest.raises(RecipeError) as info:
+            load_recipe("sparc_tiny", ["eval=[{task: zeroshot, data: x.tar, limit: 7}]"])  # not a zeroshot option
+        assert info.value.problems[0].startswith("eval.0.limit: unknown key")
+        with pytest.raises(RecipeError) as info:
+            load_recipe("sparc_tiny", ["eval=[{task: count_image, data: x.tar}]"])
+        assert info.value.problems == [
+            "eval.0.task: unknown evaluation task 'count_image'. Did you mean 'count_images'? Known: count_images, "
+            "retrieval, zeroshot"
+        ]
+    finally:
+        evaluators._entries.pop("count_images", None)
+        evaluators.version += 1

@@ -131,7 +131,7 @@ def _walk_raw(raw: Any, loc: tuple[Any, ...]) -> tuple[list[str], Any, bool]:
     node = raw
     found = True
     for item in loc:
-        if isinstance(node, dict) and isinstance(item, str) and item not in node and node.get("name") == item:
+        if isinstance(node, dict) and isinstance(item, str) and item not in node and item in _tags(node):
             continue  # the tag pydantic inserts for a discriminated union member
         parts.append(str(item))
         if isinstance(node, dict) and item in node:
@@ -175,14 +175,27 @@ def _resolve_model(annotation: Any, node: Any) -> type[BaseModel] | None:
         candidates = list(args)
     for cand in candidates:
         if isinstance(cand, type) and issubclass(cand, BaseModel):
-            tag = cand.model_fields.get("name")
-            if tag is None or not isinstance(node, dict):
-                if tag is None:
+            key = next((k for k in TAG_KEYS if _is_tag(cand, k)), None)
+            if key is None or not isinstance(node, dict):
+                if key is None:
                     return cand
                 continue
-            if node.get("name") in getattr(tag.annotation, "__args__", ()):
+            if node.get(key) in getattr(cand.model_fields[key].annotation, "__args__", ()):
                 return cand
     return None
+
+
+#: the keys a recipe section is chosen by: a component's ``name``, an evaluation's ``task``
+TAG_KEYS = ("name", "task")
+
+
+def _tags(node: dict) -> list[Any]:
+    return [node.get(k) for k in TAG_KEYS if isinstance(node.get(k), str)]
+
+
+def _is_tag(model: type[BaseModel], key: str) -> bool:
+    field = model.model_fields.get(key)
+    return field is not None and getattr(field.annotation, "__origin__", None) is Literal
 
 
 def _own(kind: str, did_you_mean: str) -> str:
@@ -209,6 +222,15 @@ def format_errors(exc: ValidationError, raw: dict[str, Any], schema: type[BaseMo
             dym = f" Did you mean {hint[0]!r}?" if hint else ""
             acc = f" Accepted keys: {', '.join(accepted)}." if accepted else ""
             lines.append(f"{path}: unknown key (value {value!r}).{dym}{acc}")
+        elif etype in ("union_tag_invalid", "union_tag_not_found") and "task" in str(err.get("ctx", {})):
+            known = ", ".join(reg.evaluators.names())
+            given = err.get("ctx", {}).get("tag")
+            if etype == "union_tag_not_found":
+                lines.append(f"{path}.task: missing; an eval entry needs a task, one of: {known}")
+            else:
+                hint = difflib.get_close_matches(str(given), reg.evaluators.names(), n=1)
+                dym = f" Did you mean {hint[0]!r}?" if hint else ""
+                lines.append(f"{path}.task: unknown evaluation task {given!r}.{dym} Known: {known}{_own('evaluator', dym)}")
         elif etype == "union_tag_invalid":
             kind = COMPONENT_SECTIONS.get(path, "component")
             known = err.get("ctx", {}).get("expected_tags", "")

@@ -18,7 +18,7 @@ import sparc_kit.losses  # noqa: F401
 import sparc_kit.models  # noqa: F401
 from sparc_kit import registry as reg
 from sparc_kit.errors import RecipeError
-from sparc_kit.evaluate.spec import EvalConfig
+from sparc_kit.evaluate.spec import entry_model
 from sparc_kit.plugins import PluginError, ensure_plugins
 
 __all__ = [
@@ -134,6 +134,14 @@ def _component_type(registry: reg.Registry) -> Any:
     return Annotated[Union[tuple(members)], Field(discriminator="name")]  # type: ignore[valid-type]
 
 
+def _evaluator_type() -> Any:
+    """One ``eval:`` entry: the options of a registered evaluator, chosen by its ``task`` (as ``loss:`` by name)."""
+    members = [entry_model(name) for name in reg.evaluators.names()]
+    if len(members) == 1:
+        return members[0]
+    return Annotated[Union[tuple(members)], Field(discriminator="task")]  # type: ignore[valid-type]
+
+
 def _registry_versions() -> tuple[int, ...]:
     _ensure_components()
     return tuple(reg.get_registry(k).version for k in reg.kinds())
@@ -198,7 +206,7 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
         optim=(OptimConfig, Field(default_factory=OptimConfig)),
         train=(TrainConfig, Field(default_factory=TrainConfig)),
         engine=(_component_type(reg.engines), Field(default_factory=lambda: {"name": "local"})),
-        eval=(list[EvalConfig], Field(default_factory=list)),
+        eval=(list[_evaluator_type()], Field(default_factory=list)),  # type: ignore[misc]
     )
 
 

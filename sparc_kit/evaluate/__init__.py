@@ -24,7 +24,7 @@ from sparc_kit.evaluate.runner import (
     run_evaluations,
     run_task,
 )
-from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig
+from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, TASK_ARGS, EvalConfig, eval_entry
 from sparc_kit.evaluate.zeroshot import (
     CLIP_TEMPLATES,
     LABEL_ONLY,
@@ -38,6 +38,8 @@ from sparc_kit.registry import import_submodules
 __all__ = [
     "check_eval_data",
     "EvalConfig",
+    "eval_entry",
+    "TASK_ARGS",
     "AVAILABLE_TASKS",
     "PLANNED_TASKS",
     "EvalResult",

@@ -169,7 +169,7 @@ def retrieval_evaluate(
     return retrieval_metrics(torch.cat(image_chunks), text_embeds, torch.tensor(owner), ks=ks, chunk_size=chunk_size)
 
 
-@evaluators.register("retrieval", supplied=TASK_ARGS)
+@evaluators.register("retrieval", config=EvalConfig, supplied=TASK_ARGS)
 def retrieval_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
     """Image-text retrieval: R@1/5/10 image-to-text and text-to-image, several captions per image, in chunks."""
     dataset = load_retrieval_set(spec.data, spec.max_samples)

@@ -12,9 +12,15 @@ from typing import Any, Sequence
 
 import torch
 
-from sparc_kit.errors import SparcError
 from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, load_classnames, shard_urls
-from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, EvalConfig, spec_names
+from sparc_kit.evaluate.spec import (  # EvalTaskError: re-exported, its earlier home
+    PLANNED_TASKS,
+    EvalConfig,
+    EvalTaskError,
+    available_tasks,
+    eval_entry,
+    spec_names,
+)
 from sparc_kit.io import atomic_write
 from sparc_kit.registry import evaluators
 
@@ -32,10 +38,6 @@ __all__ = [
 ]
 
 COUNT_KEYS = ("n", "classes", "images", "texts")  # integer entries of a metrics dict; the rest are fractions
-
-
-class EvalTaskError(SparcError, ValueError):
-    """An evaluation asked for that cannot run (unknown or not yet available task, no data given)."""
 
 
 @dataclass
@@ -87,7 +89,7 @@ def run_evaluations(
     """Run ``specs`` on a :class:`~sparc_kit.pretrained.Pretrained` model; write ``OUT/NAME.json`` for each
     (``out_dir`` defaults to ``RUN/eval``), atomically, holding the metrics, the checkpoint's step, the data
     path, ``n`` (images evaluated), the settings and a UTC timestamp. Returns the results in order."""
-    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in specs]
+    specs = [eval_entry(s) for s in specs]
     out_dir = out_dir or os.path.join(pretrained.run_dir, "eval")
     model = pretrained.model
     was_training = model.training
@@ -114,7 +116,7 @@ def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
     or class-name file does not exist. Reads nothing but the file listings (and the class names)."""
     import fsspec
 
-    for spec in [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in specs]:
+    for spec in [eval_entry(s) for s in specs]:
         paths = [spec.data] if is_manifest(spec.data) else shard_urls(spec.data)
         for path in paths:
             fs, _, (local,) = fsspec.get_fs_token_paths(path)
@@ -126,7 +128,7 @@ def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
 
 def evaluations_due(eval_specs: Sequence[EvalConfig | dict], step: int, final: bool = False) -> bool:
     """Whether any of ``eval_specs`` runs at ``step`` (every process can ask, without running anything)."""
-    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in eval_specs]
+    specs = [eval_entry(s) for s in eval_specs]
     return any(final or (s.every is not None and step % s.every == 0) for s in specs)
 
 
@@ -144,7 +146,7 @@ def evaluate_during_training(
     Call it on the main process only, between optimizer steps; the model is switched to eval mode, run without
     gradients, and put back in the mode it was in. An engine wrapper (``.module``) is unwrapped.
     """
-    specs = [s if isinstance(s, EvalConfig) else EvalConfig.model_validate(s) for s in eval_specs]
+    specs = [eval_entry(s) for s in eval_specs]
     due = [(s, n) for s, n in zip(specs, spec_names(specs)) if final or (s.every is not None and step % s.every == 0)]
     if not due:
         return {}
@@ -166,7 +168,7 @@ def _make_spec(**fields: Any) -> EvalConfig:
     from pydantic import ValidationError
 
     try:
-        return EvalConfig(**fields)
+        return eval_entry(fields)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "eval"
@@ -175,17 +177,17 @@ def _make_spec(**fields: Any) -> EvalConfig:
 
 def _split_task_prefix(item: str) -> tuple[str | None, str]:
     head, sep, tail = item.partition("=")
-    if sep and head in AVAILABLE_TASKS + PLANNED_TASKS:
+    if sep and head in available_tasks() + PLANNED_TASKS:
         return head, tail
     return None, item
 
 
 def check_task(task: str) -> None:
     """Raise :class:`EvalTaskError` for a task that is unknown or not implemented yet."""
-    known = AVAILABLE_TASKS + PLANNED_TASKS + ("all",)
+    known = available_tasks() + PLANNED_TASKS + ("all",)
     if task in PLANNED_TASKS:
         raise EvalTaskError(
-            f"task {task!r} is not available yet; available: {', '.join(AVAILABLE_TASKS)} (or all)"
+            f"task {task!r} is not available yet; available: {', '.join(available_tasks())} (or all)"
         )
     if task not in known:
         import difflib
@@ -230,7 +232,7 @@ def build_eval_specs(
             specs.append(_make_spec(task=kind, data=path, **settings_for(kind)))
     else:
         for raw in recipe_specs:
-            spec = raw if isinstance(raw, EvalConfig) else EvalConfig.model_validate(raw)
+            spec = eval_entry(raw)
             if task in ("all", spec.task):
                 specs.append(spec.model_copy(update=settings_for(spec.task)))
     if not specs:

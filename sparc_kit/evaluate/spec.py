@@ -1,17 +1,47 @@
 """What to evaluate: one :class:`EvalConfig` per evaluation (the recipe's ``eval:`` list, or ``sparc eval``'s
-arguments)."""
+arguments).
+
+Each evaluator registers its options model (``evaluators.register(TASK, config=..., supplied=TASK_ARGS)``); the
+recipe schema builds the ``eval:`` entries from the registry as it builds ``loss:``, a union keyed on ``task``
+(:mod:`sparc_kit.config.schema`), and :func:`eval_entry` validates one entry the same way outside a recipe."""
 
 from __future__ import annotations
 
+import difflib
 import os
-from typing import Literal, Sequence
+from functools import lru_cache
+from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-__all__ = ["EvalConfig", "AVAILABLE_TASKS", "PLANNED_TASKS", "TASK_ARGS", "spec_names", "template_problem"]
+from sparc_kit.errors import SparcError
+from sparc_kit.registry import evaluators
 
-AVAILABLE_TASKS = ("zeroshot", "retrieval")
+__all__ = [
+    "EvalConfig",
+    "EvalTaskError",
+    "eval_entry",
+    "entry_model",
+    "available_tasks",
+    "AVAILABLE_TASKS",
+    "PLANNED_TASKS",
+    "TASK_ARGS",
+    "spec_names",
+    "template_problem",
+]
+
+AVAILABLE_TASKS = ("zeroshot", "retrieval")  # the built-in evaluators, in the order the docs list them
 PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented yet
+
+
+class EvalTaskError(SparcError, ValueError):
+    """An evaluation asked for that cannot run (unknown or not yet available task, no data given)."""
+
+
+def available_tasks() -> tuple[str, ...]:
+    """The registered evaluators: the built-in ones first, then any a plugin registered."""
+    names = evaluators.names()
+    return tuple([t for t in AVAILABLE_TASKS if t in names] + [t for t in names if t not in AVAILABLE_TASKS])
 
 #: what every evaluator is called with (``evaluators.register(TASK, supplied=TASK_ARGS)``); its options are the
 #: ``spec``, one :class:`EvalConfig`
@@ -35,7 +65,7 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    task: Literal["zeroshot", "retrieval"]
+    task: str = Field(description="the evaluator (its registered name); each evaluator's entry model pins it")
     data: str | list[str] = Field(description="manifest path/URL, or webdataset shard URL(s) (brace expansion)")
     name: str | None = Field(None, description="results name (eval/NAME.json, metric keys); default: the task")
     classnames: str | list[str] | None = Field(
@@ -83,3 +113,26 @@ def spec_names(specs: Sequence[EvalConfig]) -> list[str]:
             candidate, i = f"{name}_{i}", i + 1
         out.append(candidate)
     return out
+
+
+@lru_cache(maxsize=None)
+def _entry_model(task: str, config: type[BaseModel]) -> type[BaseModel]:
+    return create_model(f"eval.{task}", __base__=config, task=(Literal[task], ...))  # type: ignore[valid-type]
+
+
+def entry_model(task: str) -> type[BaseModel]:
+    """The model of one ``eval:`` entry of ``task``: its evaluator's options with ``task`` fixed to the name."""
+    if task not in evaluators:
+        known = [*available_tasks(), *PLANNED_TASKS]
+        hint = difflib.get_close_matches(str(task), known, n=1)
+        dym = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise EvalTaskError(f"unknown task {task!r}.{dym} Known: {', '.join(available_tasks())}")
+    return _entry_model(task, evaluators.get(task).config)
+
+
+def eval_entry(raw: EvalConfig | dict[str, Any]) -> EvalConfig:
+    """One evaluation's options, validated against its evaluator's model (pydantic's ``ValidationError`` for a bad
+    field, :class:`EvalTaskError` for an unknown task); an already-validated entry is returned as it is."""
+    if isinstance(raw, EvalConfig):
+        return raw
+    return entry_model(dict(raw).get("task")).model_validate(raw)

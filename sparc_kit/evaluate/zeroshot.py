@@ -146,7 +146,7 @@ def zeroshot_evaluate(
     return out
 
 
-@evaluators.register("zeroshot", supplied=TASK_ARGS)
+@evaluators.register("zeroshot", config=EvalConfig, supplied=TASK_ARGS)
 def zeroshot_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
     """Zero-shot classification: class names x prompt templates, averaged text embeddings; top-1 and top-k."""
     classnames = load_classnames(spec.classnames, spec.data)
