@@ -1,12 +1,17 @@
-"""``sparc eval RUN_OR_CHECKPOINT``: zero-shot classification and retrieval metrics as a table and as JSON.
+"""``sparc eval RUN_OR_CHECKPOINT``: zero-shot classification and retrieval metrics as a table and as JSON, or
+(``--task heatmaps --image PATH --text CAPTION``) SPARC alignment heat maps of one image and caption as PNGs.
 
 Thin: the library's :func:`~sparc_kit.evaluate.build_eval_specs`, :func:`~sparc_kit.pretrained.load_pretrained` and
-:func:`~sparc_kit.evaluate.run_evaluations` do the work. Bad input exits 2 with one line and no traceback.
+:func:`~sparc_kit.evaluate.run_evaluations` do the work; heat maps are
+:func:`~sparc_kit.evaluate.heatmaps.alignment_maps` and :func:`~sparc_kit.evaluate.heatmaps.write_heatmaps` (not a
+registered evaluator: they take one image and caption, not a data set). Bad input exits 2 with one line and no
+traceback.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import List, Optional
 
 import typer
@@ -15,6 +20,8 @@ from sparc_cli._errors import fail, reported
 
 ORDER = 20
 
+HEATMAPS = "heatmaps"  # handled here, before the registered evaluators (one image and caption, not a data set)
+
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
@@ -22,7 +29,12 @@ def register(app: typer.Typer) -> None:
 
 def eval_command(
     target: str = typer.Argument(..., help="Run folder, checkpoint folder (RUN/checkpoints/step_N) or .safetensors."),
-    task: str = typer.Option("all", "--task", "-t", help="zeroshot, retrieval, segmentation (not yet) or all."),
+    task: str = typer.Option(
+        "all",
+        "--task",
+        "-t",
+        help="zeroshot, retrieval, segmentation (not yet) or all; heatmaps: alignment heat maps of --image and --text.",
+    ),
     data: Optional[List[str]] = typer.Option(
         None,
         "--data",
@@ -42,10 +54,32 @@ def eval_command(
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate the first N images only."),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, ... or auto."),
     out: Optional[str] = typer.Option(
-        None, "--out", "-o", help="Also write all results to this JSON file (RUN/eval/NAME.json is always written, NAME = the task)."
+        None,
+        "--out",
+        "-o",
+        help="Also write all results to this JSON file (RUN/eval/NAME.json is always written, NAME = the task). "
+        "heatmaps: the folder for the PNGs (default RUN/heatmaps/IMAGE_NAME).",
+    ),
+    image: Optional[str] = typer.Option(None, "--image", help="heatmaps: the image file."),
+    text: Optional[List[str]] = typer.Option(
+        None, "--text", help="heatmaps: a caption (repeatable: one folder of maps per caption)."
     ),
 ) -> None:
-    """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10."""
+    """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10; or heat maps.
+
+    --task heatmaps --image PATH --text CAPTION: for each token of the caption, SPARC's alignment weights (threshold 1/P) and the raw token-patch similarity over the image's patch grid, as PNG overlays, a contact sheet (sheet.png) and heatmaps.json, for a run of any loss.
+    """
+    if task == HEATMAPS:
+        given = [name for name, value in (("--data", data), ("--classnames", classnames), ("--templates", templates),
+                 ("--batch-size", batch_size), ("--max-samples", max_samples)) if value]
+        if given:
+            fail(f"--task heatmaps takes no {', '.join(given)} (it draws one --image with each --text)")
+        if not image or not text:
+            fail("--task heatmaps needs --image PATH and --text CAPTION")
+        heatmaps_command(target, image, text, device, out)
+        return
+    if image is not None or text:
+        fail("--image and --text are for --task heatmaps")
     from sparc_kit.engines.base import resolve_device
     from sparc_kit.evaluate import build_eval_specs, check_task, result_rows, run_evaluations
     from sparc_kit.pretrained import load_pretrained
@@ -84,3 +118,25 @@ def eval_command(
         except OSError as exc:
             fail(f"{out}: cannot write ({exc.strerror or exc})")
         typer.echo(f"wrote {out}")
+
+
+def heatmaps_command(target: str, image_path: str, texts: List[str], device: str, out: Optional[str]) -> None:
+    """``--task heatmaps``: the maps of each caption over the image, in OUT (one caption) or OUT/text_N (several)."""
+    from sparc_kit.engines.base import resolve_device
+    from sparc_kit.evaluate.heatmaps import SHEET, SUMMARY, alignment_maps, read_image, write_heatmaps
+    from sparc_kit.pretrained import load_pretrained
+
+    with reported():
+        picture = read_image(image_path)  # before the model is loaded: a wrong path fails fast
+        device = str(resolve_device(device, field="--device"))
+        pretrained = load_pretrained(target, device=device)
+        stem = os.path.splitext(os.path.basename(image_path))[0] or "image"
+        folder = out or os.path.join(pretrained.run_dir, HEATMAPS, stem)
+        for n, caption in enumerate(texts, start=1):
+            maps = alignment_maps(pretrained.model, pretrained.tokenizer, pretrained.transform, picture, caption)
+            maps.extra.update(image=image_path, step=pretrained.step, checkpoint=pretrained.checkpoint)
+            where = folder if len(texts) == 1 else os.path.join(folder, f"text_{n}")
+            written = write_heatmaps(maps, where)
+            typer.echo(f"{caption!r}: {len(maps.pieces)} tokens ({' '.join(maps.pieces)}), {len(written)} files")
+            typer.echo(f"wrote {os.path.join(where, SHEET)}")
+            typer.echo(f"wrote {os.path.join(where, SUMMARY)}")
