@@ -306,7 +306,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
         "manifest", "synthetic", "webdataset",
         "ddp", "deepspeed", "local",
         "math", "sdpa", "xformers",
-        "retrieval", "zeroshot",
+        "retrieval", "segmentation", "zeroshot",
     ]
     assert "      lambda_g: float = 0.5" in lines
     assert "      lambda_f: float = 1.0" in lines

@@ -521,8 +521,12 @@ def test_eval_config_and_spec_building(tiny_sets):
     recipe_specs = [{"task": "retrieval", "data": "r.jsonl"}, {"task": "zeroshot", "data": "z.tar", "max_samples": 5}]
     only = build_eval_specs("zeroshot", [], max_samples=9, recipe_specs=recipe_specs)
     assert [(s.data, s.max_samples) for s in only] == [("z.tar", 9)]
-    with pytest.raises(EvalTaskError, match="not available yet"):
-        build_eval_specs("segmentation", ["m.jsonl"])
+    # segmentation is available (it was named but not available before): the prompt options and ignore_index reach
+    # it; ignore_index is not given to a task whose options lack it
+    seg = build_eval_specs("all", ["segmentation=m.jsonl", "zeroshot=z.tar"], "c.txt", "label", ignore_index=11)
+    assert [(s.task, s.classnames, s.templates, getattr(s, "ignore_index", None)) for s in seg] == [
+        ("segmentation", "c.txt", "label", 11), ("zeroshot", "c.txt", "label", None)
+    ]
     with pytest.raises(EvalTaskError, match="no retrieval evaluation data"):
         build_eval_specs("retrieval", [], recipe_specs=recipe_specs[1:])
 
@@ -553,9 +557,10 @@ def eval_app():
             ["{run}", "--task", "zershot"],
             "error: unknown task 'zershot'. Did you mean 'zeroshot'? Known: zeroshot, retrieval, segmentation, all",
         ),
-        (
+        (  # available now (it exited 2 with "not available yet" before); this run's recipe has no eval: section
             ["{run}", "--task", "segmentation"],
-            "error: task 'segmentation' is not available yet; available: zeroshot, retrieval (or all)",
+            "error: no segmentation evaluation data: pass --data PATH (a manifest or webdataset shards), or add an "
+            "eval: section to the recipe",
         ),
         (
             ["{run}"],

@@ -278,7 +278,7 @@ def test_kinds_and_builtin_names():
     assert reg.datasets.names() == ["manifest", "synthetic", "webdataset"]
     assert reg.engines.names() == ["ddp", "deepspeed", "local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
-    assert reg.evaluators.names() == ["retrieval", "zeroshot"]
+    assert reg.evaluators.names() == ["retrieval", "segmentation", "zeroshot"]
 
 
 @pytest.mark.parametrize(
@@ -451,7 +451,7 @@ def test_the_eval_section_is_built_from_the_evaluator_registry():
             load_recipe("sparc_tiny", ["eval=[{task: count_image, data: x.tar}]"])
         assert info.value.problems == [
             "eval.0.task: unknown evaluation task 'count_image'. Did you mean 'count_images'? Known: count_images, "
-            "retrieval, zeroshot"
+            "retrieval, segmentation, zeroshot"
         ]
     finally:
         evaluators._entries.pop("count_images", None)

@@ -33,6 +33,7 @@ __all__ = [
     "to_rgb",
     "stable_seed",
     "EvalTransform",
+    "center_crop_mask",
     "transform_for",
     "model_image_size",
     "StoredImages",
@@ -111,13 +112,32 @@ def _one_line(exc: BaseException) -> str:
 def center_crop(image: Image.Image, s: int) -> Image.Image:
     """Resize the shorter side to ``s`` (bicubic), then crop the centre ``s`` x ``s``: the evaluation view, and the
     training view when no augmentation is asked for."""
+    return _resize_crop(image, s, Image.BICUBIC)
+
+
+def _resize_crop(image: Image.Image, s: int, resample: int) -> Image.Image:
     w, h = image.size
     scale = s / min(w, h)
     nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
     if (nw, nh) != (w, h):
-        image = image.resize((nw, nh), Image.BICUBIC)
+        image = image.resize((nw, nh), resample)
     left, top = (nw - s) // 2, (nh - s) // 2
     return image.crop((left, top, left + s, top + s))
+
+
+def center_crop_mask(mask: Any, s: int) -> np.ndarray:
+    """A label mask (a single-channel PIL image or a 2-D integer array of class indices) cut to the pixels
+    :class:`EvalTransform` keeps of the image it belongs to: the shorter side resized to ``s`` and the centre
+    ``s`` x ``s`` cropped, with the same sizes and box as :func:`center_crop`, but NEAREST resampling, so every
+    pixel keeps a class index of the original mask. Returns uint8 [s, s]."""
+    if getattr(mask, "mode", None) not in ("L", "P"):  # an array, or a 16/32-bit PIL image
+        if getattr(mask, "mode", "I") not in ("I", "I;16"):
+            raise ValueError(f"expected a single-channel mask of class indices, got a {mask.mode} image")
+        array = np.asarray(mask)
+        if array.ndim != 2 or (array.size and not 0 <= int(array.min()) <= int(array.max()) <= 255):
+            raise ValueError(f"expected a 2-D mask of class indices 0..255, got shape {array.shape}")
+        mask = Image.fromarray(array.astype(np.uint8), mode="L")
+    return np.asarray(_resize_crop(mask, int(s), Image.NEAREST), dtype=np.uint8)
 
 
 class ImageTransform:

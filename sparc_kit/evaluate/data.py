@@ -1,10 +1,12 @@
 """Evaluation sets, read from a path or URL (anything fsspec opens).
 
-Two functions are the whole interface the evaluators use:
+Three functions are the whole interface the evaluators use:
 
 - :func:`iter_labelled_images` ``(path, classnames, max_samples)`` yields ``(PIL image, label index)``;
 - :func:`load_retrieval_set` ``(path, max_samples)`` gives a :class:`RetrievalSet` of image URLs and their
-  captions, iterated as ``(PIL image, [captions])``.
+  captions, iterated as ``(PIL image, [captions])``;
+- :func:`iter_segmentation_samples` ``(path, max_samples)`` yields ``(PIL image, mask)``, the mask a uint8
+  array of class indices.
 
 Manifests, shard patterns, paths inside a manifest, tar members and image bytes are read by the same code as the
 training data (:mod:`sparc_kit.data.sources`, :func:`sparc_kit.data.transforms.decode_image`), so both read a
@@ -14,7 +16,8 @@ the labels. Formats (the project's evaluation-set contract, docs/data.md):
 - a manifest, JSONL (one object a line; a ``.json`` may hold one JSON array), CSV or TSV (a header row), maybe
   compressed (``.jsonl.gz``), whose ``image`` is a path relative to the manifest or any fsspec URL;
   classification rows carry ``label`` (an index into the class names, or a class name); retrieval rows carry
-  ``captions`` (a list; in CSV a JSON list) or ``caption`` (one string);
+  ``captions`` (a list; in CSV a JSON list) or ``caption`` (one string); segmentation rows carry ``mask``, a
+  single-channel PNG of class indices the size of the image;
 - webdataset tar shards for classification: ``KEY.jpg``/``.jpeg``/``.png``/``.webp`` with ``KEY.txt`` (the
   class name), ``KEY.cls`` (the index) or ``KEY.json`` (``{"label": ...}``); several shards as a list, or
   with brace expansion ``test-{000..003}.tar`` and ``::`` between patterns, as for training. Tars are streamed,
@@ -26,12 +29,14 @@ Problems raise :class:`EvalDataError` (a ``ValueError``) with a one-line message
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import fsspec
+import numpy as np
 
 from sparc_kit.data.sources import (
     SHARD_ERROR,
@@ -60,6 +65,8 @@ __all__ = [
     "iter_labelled_images",
     "RetrievalSet",
     "load_retrieval_set",
+    "iter_segmentation_samples",
+    "read_mask",
     "detect_task",
     "read_image",
 ]
@@ -296,17 +303,66 @@ def load_retrieval_set(path: str, max_samples: int | None = None) -> RetrievalSe
     return out
 
 
+# ------------------------------------------------------------------------------------------------ segmentation
+
+
+def read_mask(url: str) -> np.ndarray:
+    """A label mask: a single-channel PNG (8-bit grey or palette, or 16-bit with values up to 255) of class
+    indices, as a uint8 array [H, W]; :class:`EvalDataError` naming the file otherwise."""
+    from PIL import Image
+
+    try:
+        data = _OPENER.read(url)
+    except FileNotFoundError:
+        raise EvalDataError(f"{url}: mask not found") from None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            mode = image.mode
+            array = np.asarray(image)
+    except Exception as exc:
+        raise EvalDataError(f"{url}: cannot read the mask ({type(exc).__name__}: {exc})") from None
+    if mode not in ("L", "P", "I", "I;16") or array.ndim != 2:
+        raise EvalDataError(f"{url}: a mask is a single-channel image of class indices, not {mode}")
+    if array.size and int(array.max()) > 255:
+        raise EvalDataError(f"{url}: class index {int(array.max())} is over 255")
+    return array.astype(np.uint8)
+
+
+def iter_segmentation_samples(path: str, max_samples: int | None = None) -> Iterator[tuple[Any, np.ndarray]]:
+    """``(PIL image, mask)`` for a segmentation manifest of ``image`` + ``mask`` rows (paths relative to the
+    manifest, or URLs); the mask a uint8 array [H, W] of class indices (:func:`read_mask`) the size of its image.
+    The first ``max_samples`` rows only when given."""
+    if not is_manifest(path):
+        raise EvalDataError(f"{path}: a segmentation set is a manifest ({', '.join(MANIFEST_EXTS)}) with 'mask'")
+    base = folder_of(path)
+    for line_no, row in read_manifest(path, max_samples):
+        if not row.get("mask"):
+            raise EvalDataError(f"{path}:{line_no}: no 'mask' (a segmentation manifest needs one)")
+        image = read_image(join_path(base, str(row["image"])))
+        mask_url = join_path(base, str(row["mask"]))
+        mask = read_mask(mask_url)
+        if mask.shape != (image.height, image.width):
+            raise EvalDataError(
+                f"{mask_url}: mask is {mask.shape[1]}x{mask.shape[0]}, its image {image.width}x{image.height}"
+            )
+        yield image, mask
+
+
 def detect_task(path: str | Sequence[str]) -> str:
-    """``zeroshot`` or ``retrieval`` for a data path: shards are classification sets; a manifest is judged by
-    its first row (``label`` -> zeroshot, ``captions``/``caption`` -> retrieval)."""
+    """``zeroshot``, ``retrieval`` or ``segmentation`` for a data path: shards are classification sets; a
+    manifest is judged by its first row (``mask`` -> segmentation, ``label`` -> zeroshot, ``captions``/``caption``
+    -> retrieval)."""
     if not is_manifest(path):
         return "zeroshot"
     for line_no, row in read_manifest(path, max_rows=1):
+        if "mask" in row:
+            return "segmentation"
         if "label" in row:
             return "zeroshot"
         if "captions" in row or "caption" in row:
             return "retrieval"
         raise EvalDataError(
-            f"{path}:{line_no}: cannot tell the task: a row needs 'label' (zeroshot) or 'captions' (retrieval)"
+            f"{path}:{line_no}: cannot tell the task: a row needs 'label' (zeroshot), 'captions' (retrieval) or "
+            "'mask' (segmentation)"
         )
     raise EvalDataError(f"{path}: empty manifest")

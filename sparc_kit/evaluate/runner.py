@@ -12,12 +12,13 @@ from typing import Any, Sequence
 
 import torch
 
-from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, load_classnames, shard_urls
+from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, shard_urls
 from sparc_kit.evaluate.spec import (  # EvalTaskError: re-exported, its earlier home
     PLANNED_TASKS,
     EvalConfig,
     EvalTaskError,
     available_tasks,
+    entry_model,
     eval_entry,
     spec_names,
 )
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 COUNT_KEYS = ("n", "classes", "images", "texts")  # integer entries of a metrics dict; the rest are fractions
+PROMPTED_TASKS = ("zeroshot", "segmentation")  # the tasks whose options use class names and prompt templates
 
 
 @dataclass
@@ -122,8 +124,7 @@ def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
             fs, _, (local,) = fsspec.get_fs_token_paths(path)
             if not fs.exists(local):
                 raise EvalDataError(f"eval ({spec.task}): data not found: {path}")
-        if spec.task == "zeroshot":
-            load_classnames(spec.classnames, spec.data)
+        spec.check_data()  # the evaluator's own files (class names, ...)
 
 
 def evaluations_due(eval_specs: Sequence[EvalConfig | dict], step: int, final: bool = False) -> bool:
@@ -205,20 +206,31 @@ def build_eval_specs(
     batch_size: int | None = None,
     max_samples: int | None = None,
     recipe_specs: Sequence[EvalConfig | dict] = (),
+    ignore_index: int | None = None,
 ) -> list[EvalConfig]:
     """The evaluations ``sparc eval`` runs.
 
-    ``task``: ``zeroshot``, ``retrieval`` or ``all``. Each ``data`` item is a path (its task read from the data
-    when ``task`` is ``all``: shards and manifests with ``label`` are zeroshot, manifests with ``captions`` are
-    retrieval) or ``TASK=PATH``. Without ``data`` the run's recipe ``eval:`` entries of that task are used.
-    Options given here override those entries' settings. ``all`` runs every task that has data.
+    ``task``: ``zeroshot``, ``retrieval``, ``segmentation`` or ``all``. Each ``data`` item is a path (its task
+    read from the data when ``task`` is ``all``: shards and manifests with ``label`` are zeroshot, manifests with
+    ``captions`` are retrieval, with ``mask`` segmentation) or ``TASK=PATH``. Without ``data`` the run's recipe
+    ``eval:`` entries of that task are used. Options given here override those entries' settings, for the tasks
+    they concern (class names and templates: zeroshot and segmentation; ``ignore_index``: segmentation). ``all``
+    runs every task that has data.
     """
     check_task(task)
-    given = dict(classnames=classnames, templates=templates, batch_size=batch_size, max_samples=max_samples)
+    given = dict(
+        classnames=classnames,
+        templates=templates,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        ignore_index=ignore_index,
+    )
     overrides = {k: v for k, v in given.items() if v is not None}
 
-    def settings_for(kind: str) -> dict[str, Any]:  # class names and templates only concern zeroshot
-        return {k: v for k, v in overrides.items() if kind == "zeroshot" or k not in ("classnames", "templates")}
+    def settings_for(kind: str) -> dict[str, Any]:
+        fields = entry_model(kind).model_fields  # an option the task's model lacks is not for it
+        prompted = kind in PROMPTED_TASKS
+        return {k: v for k, v in overrides.items() if k in fields and (prompted or k not in ("classnames", "templates"))}
 
     specs: list[EvalConfig] = []
     if data:

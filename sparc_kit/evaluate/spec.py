@@ -15,6 +15,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from sparc_kit.errors import SparcError
+from sparc_kit.evaluate.data import load_classnames
 from sparc_kit.registry import evaluators
 
 __all__ = [
@@ -30,8 +31,8 @@ __all__ = [
     "template_problem",
 ]
 
-AVAILABLE_TASKS = ("zeroshot", "retrieval")  # the built-in evaluators, in the order the docs list them
-PLANNED_TASKS = ("segmentation",)  # part of the CLI contract; not implemented yet
+AVAILABLE_TASKS = ("zeroshot", "retrieval", "segmentation")  # the built-in evaluators, in the docs' order
+PLANNED_TASKS: tuple[str, ...] = ()  # tasks named in the CLI contract but not implemented yet (none now)
 
 
 class EvalTaskError(SparcError, ValueError):
@@ -69,10 +70,12 @@ class EvalConfig(BaseModel):
     data: str | list[str] = Field(description="manifest path/URL, or webdataset shard URL(s) (brace expansion)")
     name: str | None = Field(None, description="results name (eval/NAME.json, metric keys); default: the task")
     classnames: str | list[str] | None = Field(
-        None, description="zeroshot: class names, or a file of them; default: classnames.txt beside the data"
+        None,
+        description="zeroshot, segmentation: class names, or a file of them; default: classnames.txt beside the data",
     )
     templates: str | list[str] = Field(
-        "clip", description="zeroshot prompts: 'label' (class name only), 'clip' (ensemble), a file, or a list"
+        "clip",
+        description="zeroshot, segmentation prompts: 'label' (class name only), 'clip' (ensemble), a file, or a list",
     )
     every: int | None = Field(None, gt=0, description="during training: run every N steps (null: last step only)")
     batch_size: int = Field(64, gt=0)
@@ -91,6 +94,13 @@ class EvalConfig(BaseModel):
         if not value or (isinstance(value, list) and not all(value)):
             raise ValueError("give a data path")
         return value
+
+    def check_data(self) -> None:
+        """Before training: read what the evaluation needs besides its data files (which the runner checks), so a
+        missing file fails now, not at the first evaluation; an options model extends it. Zeroshot's class names
+        are read here (zeroshot and retrieval share this model)."""
+        if self.task == "zeroshot":
+            load_classnames(self.classnames, self.data)
 
 
 def _folder_name(data: str | Sequence[str]) -> str:
