@@ -3,6 +3,7 @@ PyTorch, and refusals (a bad path, an unfinished run, an unknown format, a pickl
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import sparc_kit
@@ -221,3 +223,26 @@ def test_onnx_missing_names_the_extra(run, tmp_path, monkeypatch):
         "error: --format onnx needs onnx and onnxruntime: pip install 'sparc-kit[onnx]'"
     ]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs the deepspeed extra")
+def test_a_zero3_checkpoint_without_its_consolidated_weights_is_consolidated(tmp_path):
+    run = tmp_path / "zero3"
+    recipe = sparc_kit.load_recipe(
+        "sparc_tiny", [*MICRO, "train.steps=2", "data.num_samples=16", "engine.name=deepspeed", "engine.zero_stage=3"]
+    )
+    train(recipe, str(run), progress=False)
+    step = run / "checkpoints" / "step_00000002"
+    saved = load_file(step / "model.safetensors")
+    (step / "model.safetensors").unlink()  # the partitions alone
+    for target in (run, step):
+        result = export(target, "safetensors", tmp_path / f"out-{target.name}")
+        assert result.step == 2
+        weights = load_file(os.path.join(result.out, "model.safetensors"))
+        assert weights.keys() == saved.keys() and all(torch.equal(weights[k], saved[k]) for k in saved)
+    marker = tmp_path / "marker"
+    states = next((step / "deepspeed").rglob("*model_states.pt"))
+    plant(states, marker)
+    with pytest.raises(ExportError, match="refused without running anything") as info:
+        export(step, "safetensors", tmp_path / "out")
+    assert "\n" not in str(info.value) and not marker.exists() and not (tmp_path / "out").exists()
