@@ -120,16 +120,19 @@ class TextTower(nn.Module):
 
 # ------------------------------------------------------------------------------------------------ the source
 def _is_safetensors(path: str) -> bool:
-    """A safetensors file starts with an 8-byte little-endian header length and a JSON header ``{...``."""
+    """A safetensors file: an 8-byte little-endian header length, then that many bytes of a JSON object (read as
+    text only; a pickle or a torch zip file fails at the first bytes)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            head = f.read(8)
             size = os.fstat(f.fileno()).st_size
-    except OSError:
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+            if not 0 < length <= min(size - 8, 100_000_000):
+                return False
+            header = json.loads(f.read(length).decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return False
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < struct.unpack("<Q", head[:8])[0] <= size - 8
+    return isinstance(header, dict)
 
 
 def _refuse_pickle(path: str, target: str) -> None:
@@ -153,6 +156,12 @@ def _check_source(target: str) -> None:
         if path.endswith(".safetensors"):
             _refuse_pickle(path, target)
         return
+    if os.path.basename(path) == CHECKPOINTS:
+        path = os.path.dirname(path)
+    if os.path.exists(os.path.join(path, RECIPE)) and os.path.isdir(os.path.join(path, CHECKPOINTS)):
+        newest = latest_checkpoint(os.path.join(path, CHECKPOINTS))  # the one load_pretrained would read
+        if newest is not None:
+            _refuse_pickle(os.path.join(newest, MODEL_WEIGHTS), target)
     weights = os.path.join(path, MODEL_WEIGHTS)
     if os.path.exists(weights):
         _refuse_pickle(weights, target)
@@ -260,7 +269,7 @@ def _onnx_export(model: nn.Module, pretrained: Pretrained, folder: str) -> Calla
     )
     for tower, args, file, inputs, outputs in towers:
         try:
-            with torch.no_grad(), warnings_quiet():
+            with torch.no_grad(), _quiet():
                 torch.onnx.export(
                     tower,
                     args,
@@ -300,7 +309,7 @@ def _torchscript_export(model: nn.Module, pretrained: Pretrained, folder: str) -
         (TextTower(model), (ids, mask), TEXT_FILE["torchscript"]),
     ):
         try:
-            with torch.no_grad(), warnings_quiet():
+            with torch.no_grad(), _quiet():
                 module = torch.jit.trace(tower, args, check_trace=False)
             module.save(os.path.join(folder, name))
         except Exception as exc:
@@ -308,7 +317,7 @@ def _torchscript_export(model: nn.Module, pretrained: Pretrained, folder: str) -
                 f"cannot trace the {type(tower).__name__} to TorchScript ({_encoder_name(model)}): "
                 f"{type(exc).__name__}: {_first(exc)}"
             ) from None
-        with warnings_quiet():
+        with _quiet():
             traced.append(torch.jit.load(os.path.join(folder, name)))
 
     def run(images, ids, mask) -> dict[str, Any]:
@@ -319,7 +328,7 @@ def _torchscript_export(model: nn.Module, pretrained: Pretrained, folder: str) -
 
 
 @contextlib.contextmanager
-def warnings_quiet():
+def _quiet():
     import warnings
 
     with warnings.catch_warnings():

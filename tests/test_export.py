@@ -147,8 +147,13 @@ def test_a_pickle_is_refused_unrun(run, exported, tmp_path):
     shutil.copytree(exported["safetensors"].out, folder)
     plant(folder / "extra.bin", marker)  # an export folder holding a pickle
     plant(tmp_path / "weights.pt", marker)  # a pickle as the target
+    planted_run = tmp_path / "run"
+    shutil.copytree(run, planted_run)
+    plant(planted_run / "checkpoints" / "step_00000002" / "model.safetensors", marker)  # a run's newest checkpoint
     for target, message in (
         (checkpoint, "model.safetensors is not a safetensors file"),
+        (planted_run, "model.safetensors is not a safetensors file"),
+        (planted_run / "checkpoints", "model.safetensors is not a safetensors file"),
         (folder, "export folder holds a pickle (extra.bin)"),
         (tmp_path / "weights.pt", "a pickle file is never loaded"),
     ):
