@@ -114,7 +114,7 @@ def test_a_mask_value_without_a_class_name_is_an_error_unless_ignored():
             transform=Half(),
         )
 
-    with pytest.raises(EvalDataError, match="class index 7, but there are 5 class names.*ignore_index: 7"):
+    with pytest.raises(EvalDataError, match="^the mask of image 1 holds class index 7, but there are 5 class names.*ignore_index: 7$"):
         run(255)
     metrics, per_class = run(7)  # patches of image 0 among {sky, road}: sky, (ignored), road, road
     assert metrics["miou"] == 1.0 and metrics["pixel_accuracy"] == 1.0 and metrics["classes"] == 2
@@ -218,7 +218,7 @@ def test_camvid_through_the_recipe_and_run_evaluations(camvid_run):
         assert 0 <= metrics["miou"] <= 1 and 0 <= metrics["pixel_accuracy"] <= 1
         scored = [v for v in per_class.values() if v is not None]
         assert len(scored) == metrics["classes"] and metrics["miou"] == pytest.approx(sum(scored) / len(scored))
-    with pytest.raises(EvalDataError, match="ignore_index: 11"):  # CamVid's 11 is unlabelled, not a class
+    with pytest.raises(EvalDataError, match="val.jsonl: the mask of image 1 holds class index 11.*ignore_index: 11"):
         run_evaluations(pretrained, [{"task": "segmentation", "data": str(CAMVID / "val.jsonl"), "max_samples": 2}])
 
 

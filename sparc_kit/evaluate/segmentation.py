@@ -97,6 +97,7 @@ def segmentation_evaluate(
     transform: Any = None,
     max_samples: int | None = None,
     class_embeds: torch.Tensor | None = None,
+    source: str = "",
 ) -> tuple[dict[str, float | int], dict[str, float | None]]:
     """mIoU of zero-shot segmentation over ``samples`` = ``(image, mask)`` pairs, the mask [H, W] of class
     indices the size of its image (see the module's protocol).
@@ -104,7 +105,7 @@ def segmentation_evaluate(
     Returns ``(metrics, per-class IoU)``: ``{"miou", "pixel_accuracy", "n": images, "classes": classes in the
     ground truth}``, and ``{class name: IoU}`` (None for a class absent from the ground truth). A mask value
     that is neither ``ignore_index`` nor a class index raises :class:`EvalDataError`. ``class_embeds`` [C, E]
-    skips building the class embeddings.
+    skips building the class embeddings; ``source`` (the data's path) is named in errors.
     """
     if transform is None:
         transform = transform_for(model)
@@ -125,8 +126,9 @@ def segmentation_evaluate(
             truth = truth[valid]
             if truth.numel() and int(truth.max()) >= num_classes:
                 raise EvalDataError(
-                    f"a mask holds class index {int(truth.max())}, but there are {num_classes} class names "
-                    f"(0..{num_classes - 1}); if it marks unlabelled pixels set ignore_index: {int(truth.max())}"
+                    f"{source + ': ' if source else ''}the mask of image {n + 1} holds class index {int(truth.max())}, "
+                    f"but there are {num_classes} class names (0..{num_classes - 1}); if it marks unlabelled pixels "
+                    f"set ignore_index: {int(truth.max())}"
                 )
             n += 1
             if not truth.numel():
@@ -157,7 +159,8 @@ def segmentation_task(model: Any, tokenizer: Any, spec: SegmentationConfig, tran
     classnames = load_classnames(spec.classnames, spec.data)
     templates = resolve_templates(spec.templates)
     samples = iter_segmentation_samples(spec.data, spec.max_samples)
-    options = dict(ignore_index=spec.ignore_index, open_vocabulary=spec.open_vocabulary, batch_size=spec.batch_size)
+    options = dict(ignore_index=spec.ignore_index, open_vocabulary=spec.open_vocabulary)
+    options.update(batch_size=spec.batch_size, source=spec.data)
     metrics, per_class = segmentation_evaluate(model, tokenizer, samples, classnames, templates, transform=transform, **options)
     settings = {
         "classnames": len(classnames),
