@@ -173,10 +173,12 @@ def _scaled(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return np.clip((values - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(values)
 
 
-def _overlay(rgb: np.ndarray, heat: np.ndarray, cmap: Any, alpha: float = 0.55) -> np.ndarray:
-    """``rgb`` [S, S, 3] in [0, 1] blended with ``cmap`` of ``heat`` [S, S] in [0, 1]: uint8 [S, S, 3]."""
+def _overlay(rgb: np.ndarray, heat: np.ndarray, cmap: Any, alpha: float = 0.6) -> np.ndarray:
+    """``cmap`` of ``heat`` [S, S] in [0, 1] blended over the grey of ``rgb`` [S, S, 3] in [0, 1] (grey, so that
+    every colour is the map's, not the image's): uint8 [S, S, 3]."""
+    grey = (rgb @ np.array([0.299, 0.587, 0.114]))[..., None]
     colours = cmap(heat)[..., :3]
-    return np.round(255.0 * ((1.0 - alpha) * rgb + alpha * colours)).astype(np.uint8)
+    return np.round(255.0 * ((1.0 - alpha) * grey + alpha * colours)).astype(np.uint8)
 
 
 def write_heatmaps(maps: HeatMaps, out_dir: str | os.PathLike, size: int | None = None) -> list[str]:
@@ -184,7 +186,7 @@ def write_heatmaps(maps: HeatMaps, out_dir: str | os.PathLike, size: int | None 
 
     - ``token_NN_weights.png`` and ``token_NN_similarity.png`` (``NN``: the token's index among the real tokens):
       the image (the model's view) at ``size`` x ``size`` pixels (default: the smallest whole multiple of the
-      image size that is at least 224) with the patch grid's values upsampled nearest-neighbour on top. The
+      image size that is at least 224), in grey, with the patch grid's values upsampled nearest-neighbour on top. The
       colour scale is each token's own: weights from 0 to the token's largest weight (patches below the threshold
       get the lowest colour), similarities from the token's smallest to its largest.
     - ``sheet.png``: one row per token, labelled with its piece: the image, the weights, the similarity.
