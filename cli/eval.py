@@ -1,4 +1,4 @@
-"""``sparc eval RUN_OR_CHECKPOINT``: zero-shot classification and retrieval metrics as a table and as JSON, or
+"""``sparc eval RUN_OR_CHECKPOINT``: zero-shot, retrieval and segmentation metrics as a table and as JSON, or
 (``--task heatmaps --image PATH --text CAPTION``) SPARC alignment heat maps of one image and caption as PNGs.
 
 Thin: the library's :func:`~sparc_kit.evaluate.build_eval_specs`, :func:`~sparc_kit.pretrained.load_pretrained` and
@@ -33,7 +33,7 @@ def eval_command(
         "all",
         "--task",
         "-t",
-        help="zeroshot, retrieval, segmentation (not yet) or all; heatmaps: alignment heat maps of --image and --text.",
+        help="zeroshot, retrieval, segmentation or all; heatmaps: alignment heat maps of --image and --text.",
     ),
     data: Optional[List[str]] = typer.Option(
         None,
@@ -65,7 +65,7 @@ def eval_command(
         None, "--text", help="heatmaps: a caption (repeatable: one folder of maps per caption)."
     ),
 ) -> None:
-    """Evaluate a trained model: zero-shot classification top-1/top-5, retrieval Recall@1/5/10; or heat maps.
+    """Evaluate a trained model: zero-shot top-1/top-5, retrieval Recall@1/5/10, segmentation mIoU; or heat maps.
 
     --task heatmaps --image PATH --text CAPTION: for each token of the caption, SPARC's alignment weights (threshold 1/P) and the raw token-patch similarity over the image's patch grid, as PNG overlays, a contact sheet (sheet.png) and heatmaps.json, for a run of any loss.
     """
