@@ -174,6 +174,8 @@ def test_segmentation_is_an_available_task_with_its_options():
     assert eval_entry({"task": "segmentation", "data": "v.jsonl"}).ignore_index == 255
     with pytest.raises(ValueError, match="ignore_index"):
         eval_entry({"task": "segmentation", "data": "v.jsonl", "ignore_index": 256})
+    with pytest.raises(ValueError, match="one manifest"):
+        eval_entry({"task": "segmentation", "data": ["a.jsonl", "b.jsonl"]})
     with pytest.raises(ValueError, match="ignore_index"):  # not an option of zeroshot
         eval_entry({"task": "zeroshot", "data": "v.tar", "ignore_index": 11})
 

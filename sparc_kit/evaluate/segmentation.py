@@ -1,4 +1,4 @@
-"""Zero-shot semantic segmentation (SPARC paper section 4.4, Table 4: mIoU from patch-text similarities).
+"""Zero-shot semantic segmentation (the SPARC paper's section 4 protocol: mIoU from patch-text similarities).
 
 Every class name gets a text embedding as in zero-shot classification (the templates filled with the name,
 encoded, normalised, averaged, renormalised: :func:`~sparc_kit.evaluate.zeroshot.zeroshot_classifier`). Every
@@ -24,7 +24,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from sparc_kit.data.transforms import center_crop_mask, model_image_size, transform_for
 from sparc_kit.evaluate.data import EvalDataError, iter_segmentation_samples, load_classnames
@@ -46,6 +46,13 @@ class SegmentationConfig(EvalConfig):
         description="false: only the classes in each image's ground truth compete (the paper's protocol); "
         "true: every class name does",
     )
+
+    @field_validator("data")
+    @classmethod
+    def _one_manifest(cls, value: str | list[str]) -> str | list[str]:
+        if not isinstance(value, str):
+            raise ValueError("a segmentation set is one manifest, not a list of paths")
+        return value
 
     def check_data(self) -> None:
         load_classnames(self.classnames, self.data)
@@ -154,8 +161,6 @@ def segmentation_evaluate(
 @evaluators.register("segmentation", config=SegmentationConfig, supplied=TASK_ARGS)
 def segmentation_task(model: Any, tokenizer: Any, spec: SegmentationConfig, transform: Any = None) -> tuple[dict, dict]:
     """Zero-shot segmentation: each patch takes the best class name (prompt-ensembled); mIoU over the set."""
-    if not isinstance(spec.data, str):
-        raise EvalDataError("a segmentation set is one manifest, not a list of paths")
     classnames = load_classnames(spec.classnames, spec.data)
     templates = resolve_templates(spec.templates)
     samples = iter_segmentation_samples(spec.data, spec.max_samples)
