@@ -52,6 +52,9 @@ def eval_command(
     ),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="Images per batch (default 64)."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Evaluate the first N images only."),
+    ignore_index: Optional[int] = typer.Option(
+        None, "--ignore-index", min=0, max=255, help="segmentation: the mask value of unlabelled pixels (default 255; CamVid 11)."
+    ),
     device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:1, ... or auto."),
     out: Optional[str] = typer.Option(
         None,
@@ -71,7 +74,8 @@ def eval_command(
     """
     if task == HEATMAPS:
         given = [name for name, value in (("--data", data), ("--classnames", classnames), ("--templates", templates),
-                 ("--batch-size", batch_size), ("--max-samples", max_samples)) if value]
+                 ("--batch-size", batch_size), ("--max-samples", max_samples), ("--ignore-index", ignore_index))
+                 if value is not None and value != []]
         if given:
             fail(f"--task heatmaps takes no {', '.join(given)} (it draws one --image with each --text)")
         if not image or not text:
@@ -88,12 +92,14 @@ def eval_command(
     with reported():
         check_task(task)  # the task, data and device are checked before the model is loaded: a typo fails fast
         if data:
-            specs = build_eval_specs(task, data, classnames, templates, batch_size, max_samples)
+            specs = build_eval_specs(task, data, classnames, templates, batch_size, max_samples, ignore_index=ignore_index)
         device = str(resolve_device(device, field="--device"))
         pretrained = load_pretrained(target, device=device)
         if specs is None:
             recipe_specs = getattr(pretrained.recipe, "eval", None) or []
-            specs = build_eval_specs(task, [], classnames, templates, batch_size, max_samples, recipe_specs)
+            specs = build_eval_specs(
+                task, [], classnames, templates, batch_size, max_samples, recipe_specs, ignore_index=ignore_index
+            )
         results = run_evaluations(pretrained, specs)
 
     from rich.console import Console

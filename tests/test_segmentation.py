@@ -229,3 +229,15 @@ def test_camvid_through_the_eval_command(eval_app, camvid_run):  # noqa: F811
     assert result.exit_code == 0, (result.output, result.exception)
     saved = json.loads(Path(camvid_run, "eval", "segmentation.json").read_text())
     assert saved["n"] == 4 and saved["settings"]["ignore_index"] == 11 and 0 <= saved["metrics"]["miou"] <= 1
+
+
+def test_camvid_from_the_command_line_with_its_ignore_value(eval_app, camvid_run):  # noqa: F811
+    """``--ignore-index 11`` makes CamVid's unlabelled pixels unscored from the command line alone (without it the
+    value 11 has no class name and is refused in one line)."""
+    data = str(CAMVID / "val.jsonl")
+    result = eval_app(camvid_run, "--task", "segmentation", "--data", data, "--max-samples", "3", "--ignore-index", "11")
+    assert result.exit_code == 0, (result.output, result.exception)
+    saved = json.loads(Path(camvid_run, "eval", "segmentation.json").read_text())
+    assert saved["n"] == 3 and saved["settings"]["ignore_index"] == 11 and 1 <= saved["metrics"]["classes"] <= 11
+    refused = eval_app(camvid_run, "--task", "segmentation", "--data", data, "--max-samples", "3")
+    assert refused.exit_code == 2 and "set ignore_index: 11" in refused.output

@@ -1,4 +1,5 @@
-"""Evaluations that show learning: zero-shot classification and image-text retrieval (paper section 4).
+"""Evaluations that show learning: zero-shot classification, image-text retrieval and zero-shot segmentation
+(paper section 4), and the alignment heat maps of one image and caption.
 
     from sparc_kit.pretrained import load_pretrained
     from sparc_kit.evaluate import EvalConfig, run_evaluations
@@ -7,11 +8,12 @@
     results = run_evaluations(pretrained, [EvalConfig(task="zeroshot", data="cifar10/test-000.tar")])
 
 Building blocks: :func:`zeroshot_classifier` / :func:`zeroshot_evaluate`, :func:`retrieval_metrics` /
-:func:`retrieval_evaluate`, the readers in :mod:`sparc_kit.evaluate.data`, and :func:`evaluate_during_training`
+:func:`retrieval_evaluate`, :func:`segmentation_evaluate`, :func:`alignment_maps` / :func:`write_heatmaps`, the readers in :mod:`sparc_kit.evaluate.data`, and :func:`evaluate_during_training`
 for the training loop. :class:`EvalConfig` is one entry of a recipe's ``eval:`` list.
 """
 
 from sparc_kit.evaluate.data import EvalDataError, iter_labelled_images, load_classnames, load_retrieval_set
+from sparc_kit.evaluate.heatmaps import HeatMaps, alignment_maps, write_heatmaps
 from sparc_kit.evaluate.retrieval import retrieval_evaluate, retrieval_metrics, retrieval_ranks
 from sparc_kit.evaluate.runner import (
     check_eval_data,
@@ -24,6 +26,7 @@ from sparc_kit.evaluate.runner import (
     run_evaluations,
     run_task,
 )
+from sparc_kit.evaluate.segmentation import SegmentationConfig, segmentation_evaluate
 from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, TASK_ARGS, EvalConfig, eval_entry
 from sparc_kit.evaluate.zeroshot import (
     CLIP_TEMPLATES,
@@ -38,6 +41,11 @@ from sparc_kit.registry import import_submodules
 __all__ = [
     "check_eval_data",
     "EvalConfig",
+    "HeatMaps",
+    "SegmentationConfig",
+    "segmentation_evaluate",
+    "alignment_maps",
+    "write_heatmaps",
     "eval_entry",
     "TASK_ARGS",
     "AVAILABLE_TASKS",
