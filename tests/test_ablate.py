@@ -585,3 +585,38 @@ def test_a_lambda_f_sweep_is_ranked_by_the_global_term_not_the_total(tmp_path):
     assert "global contrastive term" in report.markdown
     with open(report.files["plot"], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_evaluators_declared_direction_decides_how_its_metric_ranks(tmp_path):
+    """The direction of an evaluation's metric comes from its evaluator (``higher_is_better`` on the options
+    model), not from the metric's name: an error rate named like an accuracy ranks low-is-best, and counts are
+    never ranked. Entry names map to tasks through the recipe's eval: entries and RUN/eval/NAME.json."""
+    import json
+    from types import SimpleNamespace
+
+    from sparc_kit.ablate.report import default_metric, default_mode, eval_tasks
+    from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig, eval_entry
+    from sparc_kit.registry import evaluators
+
+    class ErrorOptions(EvalConfig):
+        higher_is_better = False
+
+    @evaluators.register("top1_error_rate", config=ErrorOptions, supplied=TASK_ARGS, override=True)
+    def top1_error_rate(model, tokenizer, spec, transform=None):
+        return {"top1_err": 0.5}, {}
+
+    try:
+        assert default_mode("eval/err/top1_err") == "max"  # what the name alone suggests: wrong here
+        assert default_mode("eval/err/top1_err", {"err": "top1_error_rate"}) == "min"
+        assert default_mode("eval/zs/top1", {"zs": "zeroshot"}) == "max"
+        names = ["final_loss", "eval/err/top1_err"]
+        assert default_metric(names, ["loss.lambda_f"], {"err": "top1_error_rate"})[0] is None  # not maximised
+        run = tmp_path / "run"
+        (run / "eval").mkdir(parents=True)
+        (run / "eval" / "held_out.json").write_text(json.dumps({"task": "top1_error_rate", "metrics": {}}))
+        recipe = SimpleNamespace(eval=[eval_entry({"task": "zeroshot", "data": "x.tar", "name": "zs"})])
+        sweep = SimpleNamespace(recipe=recipe, points=[SimpleNamespace(recipe=None, run_dir=str(run))])
+        assert eval_tasks(sweep) == {"zs": "zeroshot", "held_out": "top1_error_rate"}
+    finally:
+        evaluators._entries.pop("top1_error_rate", None)
+        evaluators.version += 1

@@ -19,6 +19,7 @@ from typing import Any
 
 from sparc_kit.ablate.plan import Sweep, flatten, point_state
 from sparc_kit.checkpoint import EVAL
+from sparc_kit.evaluate.spec import metric_direction, spec_names
 from sparc_kit.io import atomic_open, atomic_write
 from sparc_kit.train import read_metrics
 
@@ -137,10 +138,38 @@ def summarize(sweep: Sweep, runs: list[dict[str, Any]] | None = None) -> tuple[l
 _HIGHER_IS_BETTER = ("acc", "recall", "r@", "r1", "r5", "r10", "top1", "top5", "auc", "map", "ndcg", "iou", "f1")
 
 
-def default_mode(metric: str) -> str:
-    """``max`` for accuracy-like names (acc, recall, r@k, top-k, auc, map, iou, f1), else ``min``."""
-    leaf = metric.split("/")[-1].lower()
+def default_mode(metric: str, tasks: dict[str, str] | None = None) -> str:
+    """Whether a larger ``metric`` is better. An evaluation's metric (``eval/NAME/KEY``) whose entry's task is known
+    (``tasks``: entry name -> task) takes its evaluator's declared direction
+    (:attr:`~sparc_kit.evaluate.EvalConfig.higher_is_better`); any other name is read: ``max`` for accuracy-like
+    names (acc, recall, r@k, top-k, auc, map, iou, f1), else ``min`` (losses)."""
+    parts = metric.split("/")
+    if len(parts) == 3 and parts[0] == "eval" and tasks and parts[1] in tasks:
+        declared = metric_direction(tasks[parts[1]], parts[2])
+        if declared is not None:
+            return declared
+    leaf = parts[-1].lower()
     return "max" if any(tok in leaf for tok in _HIGHER_IS_BETTER) else "min"
+
+
+def eval_tasks(sweep: Sweep) -> dict[str, str]:
+    """The task of every evaluation a sweep's runs logged, by entry name: the recipe's ``eval:`` entries, and the
+    ``task`` of each ``RUN/eval/NAME.json`` (``sparc eval`` results)."""
+    tasks: dict[str, str] = {}
+    for recipe in [sweep.recipe, *(p.recipe for p in sweep.points)]:
+        entries = list(getattr(recipe, "eval", None) or [])
+        tasks.update(zip(spec_names(entries), (e.task for e in entries)))
+    for point in sweep.points:
+        folder = os.path.join(point.run_dir, EVAL)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    task = json.load(f).get("task")
+            except (OSError, ValueError, AttributeError):
+                continue
+            if name.endswith(".json") and isinstance(task, str):
+                tasks.setdefault(name[: -len(".json")], task)
+    return tasks
 
 
 # Which varied paths change what a loss value means. Every contrastive term depends on the batch size (its
@@ -150,7 +179,9 @@ _CHANGES_GLOBAL_TERM = ("loss.global_loss",)
 _EVAL_PREFERENCE = ("top1", "r@1", "r1", "acc")
 
 
-def default_metric(names: list[str], varied: list[str]) -> tuple[str | None, str]:
+def default_metric(
+    names: list[str], varied: list[str], tasks: dict[str, str] | None = None
+) -> tuple[str | None, str]:
     """The metric a sweep's best point is named by when ``--metric`` is not given, and why it is comparable.
 
     ``final_loss`` is the optimised total (e.g. ``lambda_g * global + lambda_f * fine``), whose scale moves with a
@@ -164,7 +195,7 @@ def default_metric(names: list[str], varied: list[str]) -> tuple[str | None, str
 
     Returns ``(None, reason)`` when no logged metric is comparable across the points.
     """
-    evals = [n for n in names if n.startswith("eval/") and default_mode(n) == "max"]
+    evals = [n for n in names if n.startswith("eval/") and default_mode(n, tasks) == "max"]
     for token in _EVAL_PREFERENCE:
         for n in evals:
             if token in n.split("/")[-1].lower():
@@ -236,7 +267,8 @@ def write_report(
     runs = collect_runs(sweep)
     names, rows = summarize(sweep, runs)
     problems: list[str] = []
-    chosen, why = default_metric(names, [p.path for p in sweep.params])
+    tasks = eval_tasks(sweep)
+    chosen, why = default_metric(names, [p.path for p in sweep.params], tasks)
     if metric:
         resolved, reason = _resolve_metric(metric, names)
         if resolved is None:
@@ -246,7 +278,7 @@ def write_report(
     if mode not in (None, "min", "max"):
         problems.append(f"--mode {mode}: expected min or max")
         mode = None
-    mode = mode or (default_mode(chosen) if chosen else "min")
+    mode = mode or (default_mode(chosen, tasks) if chosen else "min")
     candidates = [r for r in rows if chosen and r[chosen][0] is not None]
     best = None
     if candidates and not problems:

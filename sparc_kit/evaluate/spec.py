@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 from functools import lru_cache
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
@@ -22,6 +22,7 @@ __all__ = [
     "EvalConfig",
     "EvalTaskError",
     "eval_entry",
+    "metric_direction",
     "entry_model",
     "available_tasks",
     "AVAILABLE_TASKS",
@@ -65,6 +66,12 @@ class EvalConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    #: whether a larger value of this evaluator's metrics is better (accuracies, recalls, IoU: yes); an evaluator
+    #: whose metrics are errors or distances sets it False. ``sparc ablate`` ranks points by it.
+    higher_is_better: ClassVar[bool] = True
+    #: metric keys that count things rather than measure them (never ranked)
+    count_keys: ClassVar[tuple[str, ...]] = ("n", "classes", "images", "texts")
 
     task: str = Field(description="the evaluator (its registered name); each evaluator's entry model pins it")
     data: str | list[str] = Field(description="manifest path/URL, or webdataset shard URL(s) (brace expansion)")
@@ -138,6 +145,17 @@ def entry_model(task: str) -> type[BaseModel]:
         dym = f" Did you mean {hint[0]!r}?" if hint else ""
         raise EvalTaskError(f"unknown task {task!r}.{dym} Known: {', '.join(available_tasks())}")
     return _entry_model(task, evaluators.get(task).config)
+
+
+def metric_direction(task: str, metric: str) -> str | None:
+    """``"max"`` or ``"min"`` for a metric key of a registered evaluator's results (``top1``, ``miou``), from its
+    options model's :attr:`EvalConfig.higher_is_better`; None for a count (``n``) or an unknown task."""
+    if task not in evaluators:
+        return None
+    options = evaluators.get(task).config
+    if metric in getattr(options, "count_keys", ()):
+        return None
+    return "max" if getattr(options, "higher_is_better", True) else "min"
 
 
 def eval_entry(raw: EvalConfig | dict[str, Any]) -> EvalConfig:
