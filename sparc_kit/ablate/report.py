@@ -141,7 +141,7 @@ _HIGHER_IS_BETTER = ("acc", "recall", "r@", "r1", "r5", "r10", "top1", "top5", "
 def default_mode(metric: str, tasks: dict[str, str] | None = None) -> str:
     """Whether a larger ``metric`` is better. An evaluation's metric (``eval/NAME/KEY``) whose entry's task is known
     (``tasks``: entry name -> task) takes its evaluator's declared direction
-    (:attr:`~sparc_kit.evaluate.EvalConfig.higher_is_better`); any other name is read: ``max`` for accuracy-like
+    (:attr:`~sparc_kit.evaluate.EvalOptions.higher_is_better`); any other name is read: ``max`` for accuracy-like
     names (acc, recall, r@k, top-k, auc, map, iou, f1), else ``min`` (losses)."""
     parts = metric.split("/")
     if len(parts) == 3 and parts[0] == "eval" and tasks and parts[1] in tasks:

@@ -9,7 +9,8 @@
 
 Building blocks: :func:`zeroshot_classifier` / :func:`zeroshot_evaluate`, :func:`retrieval_metrics` /
 :func:`retrieval_evaluate`, :func:`segmentation_evaluate`, :func:`alignment_maps` / :func:`write_heatmaps`, the readers in :mod:`sparc_kit.evaluate.data`, and :func:`evaluate_during_training`
-for the training loop. :class:`EvalConfig` is one entry of a recipe's ``eval:`` list.
+for the training loop. :class:`EvalOptions` is what every entry of a recipe's ``eval:`` list extends (:class:`EvalConfig` for the
+prompted evaluators); :func:`eval_entry` validates one by its task.
 """
 
 from sparc_kit.evaluate.data import EvalDataError, iter_labelled_images, load_classnames, load_retrieval_set
@@ -27,7 +28,7 @@ from sparc_kit.evaluate.runner import (
     run_task,
 )
 from sparc_kit.evaluate.segmentation import SegmentationConfig, segmentation_evaluate
-from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, TASK_ARGS, EvalConfig, eval_entry
+from sparc_kit.evaluate.spec import AVAILABLE_TASKS, PLANNED_TASKS, TASK_ARGS, EvalConfig, EvalOptions, eval_entry
 from sparc_kit.evaluate.zeroshot import (
     CLIP_TEMPLATES,
     LABEL_ONLY,
@@ -41,6 +42,7 @@ from sparc_kit.registry import import_submodules
 __all__ = [
     "check_eval_data",
     "EvalConfig",
+    "EvalOptions",
     "HeatMaps",
     "SegmentationConfig",
     "segmentation_evaluate",

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from sparc_kit.data.transforms import transform_for
 from sparc_kit.evaluate.data import load_retrieval_set
-from sparc_kit.evaluate.spec import TASK_ARGS, EvalConfig
+from sparc_kit.evaluate.spec import TASK_ARGS, EvalOptions
 from sparc_kit.registry import evaluators
 
 __all__ = ["retrieval_metrics", "retrieval_ranks", "retrieval_evaluate", "encode_texts"]
@@ -169,8 +169,8 @@ def retrieval_evaluate(
     return retrieval_metrics(torch.cat(image_chunks), text_embeds, torch.tensor(owner), ks=ks, chunk_size=chunk_size)
 
 
-@evaluators.register("retrieval", config=EvalConfig, supplied=TASK_ARGS)
-def retrieval_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict, dict]:
+@evaluators.register("retrieval", config=EvalOptions, supplied=TASK_ARGS)
+def retrieval_task(model: Any, tokenizer: Any, spec: EvalOptions, transform: Any = None) -> tuple[dict, dict]:
     """Image-text retrieval: R@1/5/10 image-to-text and text-to-image, several captions per image, in chunks."""
     dataset = load_retrieval_set(spec.data, spec.max_samples)
     return retrieval_evaluate(model, tokenizer, dataset, batch_size=spec.batch_size, transform=transform), {}

@@ -15,7 +15,7 @@ import torch
 from sparc_kit.evaluate.data import EvalDataError, detect_task, is_manifest, shard_urls
 from sparc_kit.evaluate.spec import (  # EvalTaskError: re-exported, its earlier home
     PLANNED_TASKS,
-    EvalConfig,
+    EvalOptions,
     EvalTaskError,
     available_tasks,
     entry_model,
@@ -68,10 +68,10 @@ class EvalResult:
         }
 
 
-def run_task(model: Any, tokenizer: Any, spec: EvalConfig, transform: Any = None) -> tuple[dict[str, Any], dict]:
+def run_task(model: Any, tokenizer: Any, spec: EvalOptions, transform: Any = None) -> tuple[dict[str, Any], dict]:
     """Run one evaluation through its registered evaluator; ``(metrics, settings)``. The model should be in
     eval mode."""
-    if spec.task not in evaluators:  # pragma: no cover  (EvalConfig only admits available tasks)
+    if spec.task not in evaluators:  # pragma: no cover  (eval_entry only admits registered tasks)
         raise EvalTaskError(f"task {spec.task!r} is not available")
     metrics, settings = evaluators.get(spec.task).builder(model, tokenizer, spec, transform)
     settings.update(max_samples=spec.max_samples, batch_size=spec.batch_size)
@@ -84,7 +84,7 @@ def _count(metrics: dict[str, Any]) -> int:
 
 def run_evaluations(
     pretrained: Any,
-    specs: Sequence[EvalConfig | dict],
+    specs: Sequence[EvalOptions | dict],
     out_dir: str | None = None,
     write: bool = True,
 ) -> list[EvalResult]:
@@ -113,7 +113,7 @@ def run_evaluations(
     return results
 
 
-def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
+def check_eval_data(specs: Sequence[EvalOptions | dict]) -> None:
     """Fail before training starts, not at the first evaluation hundreds of steps in, when an evaluation's data
     or class-name file does not exist. Reads nothing but the file listings (and the class names)."""
     import fsspec
@@ -127,7 +127,7 @@ def check_eval_data(specs: Sequence[EvalConfig | dict]) -> None:
         spec.check_data()  # the evaluator's own files (class names, ...)
 
 
-def evaluations_due(eval_specs: Sequence[EvalConfig | dict], step: int, final: bool = False) -> bool:
+def evaluations_due(eval_specs: Sequence[EvalOptions | dict], step: int, final: bool = False) -> bool:
     """Whether any of ``eval_specs`` runs at ``step`` (every process can ask, without running anything)."""
     specs = [eval_entry(s) for s in eval_specs]
     return any(final or (s.every is not None and step % s.every == 0) for s in specs)
@@ -136,7 +136,7 @@ def evaluations_due(eval_specs: Sequence[EvalConfig | dict], step: int, final: b
 def evaluate_during_training(
     model: torch.nn.Module,
     tokenizer: Any,
-    eval_specs: Sequence[EvalConfig | dict],
+    eval_specs: Sequence[EvalOptions | dict],
     step: int,
     final: bool = False,
     transform: Any = None,
@@ -165,7 +165,7 @@ def evaluate_during_training(
     return out
 
 
-def _make_spec(**fields: Any) -> EvalConfig:
+def _make_spec(**fields: Any) -> EvalOptions:
     from pydantic import ValidationError
 
     try:
@@ -205,9 +205,9 @@ def build_eval_specs(
     templates: str | None = None,
     batch_size: int | None = None,
     max_samples: int | None = None,
-    recipe_specs: Sequence[EvalConfig | dict] = (),
+    recipe_specs: Sequence[EvalOptions | dict] = (),
     ignore_index: int | None = None,
-) -> list[EvalConfig]:
+) -> list[EvalOptions]:
     """The evaluations ``sparc eval`` runs.
 
     ``task``: ``zeroshot``, ``retrieval``, ``segmentation`` or ``all``. Each ``data`` item is a path (its task
@@ -232,7 +232,7 @@ def build_eval_specs(
         prompted = kind in PROMPTED_TASKS
         return {k: v for k, v in overrides.items() if k in fields and (prompted or k not in ("classnames", "templates"))}
 
-    specs: list[EvalConfig] = []
+    specs: list[EvalOptions] = []
     if data:
         for item in data:
             prefix, path = _split_task_prefix(item)

@@ -54,9 +54,6 @@ class SegmentationConfig(EvalConfig):
             raise ValueError("a segmentation set is one manifest, not a list of paths")
         return value
 
-    def check_data(self) -> None:
-        load_classnames(self.classnames, self.data)
-
 
 def iou_from_confusion(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-class IoU [C] (float64) and which classes are in the ground truth [C] (bool), from a confusion

@@ -19,6 +19,7 @@ from sparc_kit.evaluate.data import load_classnames
 from sparc_kit.registry import evaluators
 
 __all__ = [
+    "EvalOptions",
     "EvalConfig",
     "EvalTaskError",
     "eval_entry",
@@ -58,8 +59,9 @@ def template_problem(templates: Sequence[str]) -> str | None:
     return f"{bad[0]!r} has no '{{}}' for the class name" if bad else None
 
 
-class EvalConfig(BaseModel):
-    """One evaluation: a task on a data set, with its settings.
+class EvalOptions(BaseModel):
+    """One evaluation: a task on a data set, with the settings every evaluator has. An evaluator's options model
+    extends it with its own fields (:class:`EvalConfig` for the prompted ones; retrieval uses this one as it is).
 
     In a recipe, ``eval:`` is a list of these; during training each runs every ``every`` steps (and at the last
     step); ``every: null`` runs it at the last step only. ``sparc eval`` builds them from its arguments.
@@ -76,24 +78,9 @@ class EvalConfig(BaseModel):
     task: str = Field(description="the evaluator (its registered name); each evaluator's entry model pins it")
     data: str | list[str] = Field(description="manifest path/URL, or webdataset shard URL(s) (brace expansion)")
     name: str | None = Field(None, description="results name (eval/NAME.json, metric keys); default: the task")
-    classnames: str | list[str] | None = Field(
-        None,
-        description="zeroshot, segmentation: class names, or a file of them; default: classnames.txt beside the data",
-    )
-    templates: str | list[str] = Field(
-        "clip",
-        description="zeroshot, segmentation prompts: 'label' (class name only), 'clip' (ensemble), a file, or a list",
-    )
     every: int | None = Field(None, gt=0, description="during training: run every N steps (null: last step only)")
     batch_size: int = Field(64, gt=0)
     max_samples: int | None = Field(None, gt=0, description="evaluate the first N images only")
-
-    @field_validator("templates")
-    @classmethod
-    def _templates(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and (problem := template_problem(value)):
-            raise ValueError(f"templates: {problem}")
-        return value
 
     @field_validator("data")
     @classmethod
@@ -104,10 +91,29 @@ class EvalConfig(BaseModel):
 
     def check_data(self) -> None:
         """Before training: read what the evaluation needs besides its data files (which the runner checks), so a
-        missing file fails now, not at the first evaluation; an options model extends it. Zeroshot's class names
-        are read here (zeroshot and retrieval share this model)."""
-        if self.task == "zeroshot":
-            load_classnames(self.classnames, self.data)
+        missing file fails now, not at the first evaluation; an options model extends it."""
+
+
+class EvalConfig(EvalOptions):
+    """The options of an evaluator that scores class names through prompts (``zeroshot``, ``segmentation``): the
+    class names and the prompt templates, on top of :class:`EvalOptions`."""
+
+    classnames: str | list[str] | None = Field(
+        None, description="class names, or a file of them; default: classnames.txt beside the data"
+    )
+    templates: str | list[str] = Field(
+        "clip", description="prompts: 'label' (class name only), 'clip' (ensemble), a file, or a list"
+    )
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and (problem := template_problem(value)):
+            raise ValueError(f"templates: {problem}")
+        return value
+
+    def check_data(self) -> None:
+        load_classnames(self.classnames, self.data)
 
 
 def _folder_name(data: str | Sequence[str]) -> str:
@@ -158,9 +164,9 @@ def metric_direction(task: str, metric: str) -> str | None:
     return "max" if getattr(options, "higher_is_better", True) else "min"
 
 
-def eval_entry(raw: EvalConfig | dict[str, Any]) -> EvalConfig:
+def eval_entry(raw: EvalOptions | dict[str, Any]) -> EvalOptions:
     """One evaluation's options, validated against its evaluator's model (pydantic's ``ValidationError`` for a bad
     field, :class:`EvalTaskError` for an unknown task); an already-validated entry is returned as it is."""
-    if isinstance(raw, EvalConfig):
+    if isinstance(raw, EvalOptions):
         return raw
     return entry_model(dict(raw).get("task")).model_validate(raw)
