@@ -31,8 +31,8 @@ SIZES = {
 }
 
 
-def run(size: str, precision: str, steps: int, batch_size: int) -> float:
-    recipe = sparc_kit.load_recipe("sparc_tiny", SIZES[size] + [f"train.precision={precision}"])
+def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "auto") -> float:
+    recipe = sparc_kit.load_recipe("sparc_tiny", SIZES[size] + [f"train.precision={precision}", f"optim.impl={impl}"])
     torch.manual_seed(0)
     model, loss_fn = sparc_kit.build_model(recipe), build_loss(recipe)
     data = SyntheticShapes(num_samples=batch_size, image_size=64)
@@ -41,7 +41,8 @@ def run(size: str, precision: str, steps: int, batch_size: int) -> float:
     batch = {k: v for k, v in batch.items() if k in ("images", "token_ids", "token_mask")}
     engine = LocalEngine(device="auto", precision=precision)
     module = TrainModule(model, loss_fn)
-    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=1e-4), BatchLayout(batch_size), 1.0)
+    spec = OptimizerSpec(param_groups(module, 0.0), lr=1e-4, impl=recipe.optim.impl)
+    engine.setup(module, spec, BatchLayout(batch_size), 1.0)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
 
     def step():
@@ -63,10 +64,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sizes", default="tiny,small")
+    parser.add_argument(
+        "--optimizer", action="store_true", help="compare AdamW's implementations (optim.impl) in fp32 instead"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nSPARC training step (towers + loss + AdamW), batch {args.batch_size}, 64 px, {args.steps} timed steps "
           f"after one warm-up, on {device}\n")
+    if args.optimizer:
+        print("| size | optim.impl | samples/s | vs for_loop |")
+        print("|---|---|---:|---:|")
+        for size in args.sizes.split(","):
+            base = run(size, "fp32", args.steps, args.batch_size, "for_loop")
+            fused = run(size, "fp32", args.steps, args.batch_size, "auto")
+            print(f"| {size} | for_loop (torch's CPU default) | {base:,.1f} | 1.00x |")
+            print(f"| {size} | auto (fused) | {fused:,.1f} | {fused / base:.2f}x |")
+        return
     print("| size | precision | samples/s | vs fp32 |")
     print("|---|---|---:|---:|")
     for size in args.sizes.split(","):

@@ -525,3 +525,29 @@ def test_a_ctrl_c_swallowed_during_set_up_is_raised_again():
             check_interrupted()
     check_interrupted()  # outside a set-up nothing is pending
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_optimizer_impl_auto_is_fused_and_gives_the_for_loop_update():
+    """optim.impl: auto builds torch's fused AdamW for floating-point CPU parameters, and its updates equal the
+    one-parameter-at-a-time implementation (torch's CPU default) within float32 rounding over several steps."""
+    from sparc_kit.engines import OptimizerSpec
+
+    torch.manual_seed(0)
+    start = [torch.randn(33, 17), torch.randn(17)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    results = {}
+    for impl in ("auto", "for_loop", "foreach"):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        spec = OptimizerSpec([{"params": params, "names": ["w", "b"]}], lr=1e-2, weight_decay=0.2, impl=impl)
+        opt = spec.build()
+        assert bool(opt.defaults["fused"]) is (impl == "auto")
+        assert spec.implementation() == ("fused" if impl == "auto" else impl)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        results[impl] = [p.detach() for p in params]
+    for impl in ("auto", "foreach"):
+        for a, b in zip(results[impl], results["for_loop"]):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert sparc_kit.load_recipe("sparc_tiny").optim.impl == "auto"

@@ -145,14 +145,34 @@ class OptimizerSpec:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     weight_decay: float = 0.0  # the default of groups that do not set their own
+    #: torch's AdamW implementation: ``fused`` (one kernel over all parameters), ``foreach`` (batched ops),
+    #: ``for_loop`` (one parameter at a time, torch's CPU default) or ``auto``: fused where every parameter is a
+    #: floating-point tensor on a device it supports (CPU, CUDA), else for_loop. Measured by
+    #: benchmarks/optimizer_step.py: on the reference CPU fused does a 150M-parameter update 3.3-4.9x faster.
+    impl: str = "auto"
 
     def torch_groups(self) -> list[dict[str, Any]]:
         """The groups without the bookkeeping keys torch's optimizers do not know."""
         return [{k: v for k, v in g.items() if k != "names"} for g in self.groups if g["params"]]
 
+    def implementation(self) -> str:
+        """The implementation ``build`` uses: ``impl``, with ``auto`` resolved for these parameters."""
+        if self.impl != "auto":
+            return self.impl
+        params = [p for g in self.groups for p in g["params"]]
+        fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return "fused" if params and fusable else "for_loop"
+
     def build(self) -> torch.optim.Optimizer:
+        kind = self.implementation()
+        options = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}[kind]
         return torch.optim.AdamW(
-            self.torch_groups(), lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay
+            self.torch_groups(),
+            lr=self.lr,
+            betas=tuple(self.betas),
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            **options,
         )
 
 

@@ -275,6 +275,7 @@ def _train(
         betas=tuple(cfg_optim.betas),
         eps=cfg_optim.eps,
         weight_decay=cfg_optim.weight_decay,
+        impl=cfg_optim.impl,
     )
     engine.setup(module, optimizer, layout, cfg_optim.grad_clip)
 
