@@ -1,0 +1,305 @@
+"""open_clip and sparc-kit side by side at open_clip's ViT-B-16 shape: one process, steps interleaved.
+
+    python benchmarks/vs_open_clip.py [--steps 6] [--precisions fp32,bf16]
+                                      [--systems open_clip,sparc_clip,sparc_sparc] [--tiny] [--threads N]
+                                      [--out FILE.json]
+
+open_clip is optional (the ``bench`` extra): ``pip install 'sparc-kit[bench]'`` or ``pip install open_clip_torch``.
+Without it the open_clip rows are skipped and the sparc-kit rows are still measured (their ratios then have no
+baseline).
+
+Three systems train the same shape (ViT-B/16 at 224 px, a 12-layer width-512 text tower with 8 heads over 77
+tokens, embed dim 512; random init, synthetic random images and token ids, nothing downloaded):
+
+- ``open_clip``: ``open_clip.create_model("ViT-B-16")``, ``open_clip.loss.ClipLoss``, ``torch.optim.AdamW``
+  (open_clip's training script's groups: no decay on gains, biases and the logit scale), clipping at the recipe's
+  norm with ``clip_grad_norm_``, the logit scale clamped to ln(100) after the step, as open_clip's loop does;
+- ``sparc_clip``: ``load_recipe("clip_b16", ...)`` (sparc_b16 with the CLIP loss) with the text tower set to
+  open_clip's (width 512, 8 heads, causal, 77 tokens, 49,408-token vocabulary), built by the library and trained
+  by ``LocalEngine`` + ``train_step``: the real step (forward, the non-finite check, backward, the engine's AdamW,
+  clipping, the temperature clamp);
+- ``sparc_sparc``: the same with the recipe's SPARC loss (``sparc_b16``).
+
+Every system uses the recipe's AdamW numbers (lr, betas, eps, weight decay) and the same gradient clipping (the
+recipe's ``optim.grad_clip``, 1.0). For each precision (fp32, bf16 autocast) all systems are built, take one
+warm-up step counted with ``torch.utils.flop_counter.FlopCounterMode`` and one more warm-up step, then ``--steps``
+rounds in which each system takes one timed step (the order rotated every round). Reported: the median step time,
+samples/s, the ratio to open_clip, the FLOPs of one step, and the achieved FLOP/s over the rate of a 4096^3 bf16
+matrix product measured in the same run (before and after the steps; the higher is used). The table is printed and
+written as JSON (default ``benchmarks/results/vs_open_clip.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sparc_kit
+from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec, param_groups
+from sparc_kit.train import build_loss
+from sparc_kit.train.module import TrainModule
+from sparc_kit.train.step import train_step
+
+INSTALL_HINT = "pip install 'sparc-kit[bench]'  (or: pip install open_clip_torch)"
+SYSTEMS = ("open_clip", "sparc_clip", "sparc_sparc")
+RECIPES = {"sparc_clip": "clip_b16", "sparc_sparc": "sparc_b16"}
+
+
+def shape(tiny: bool) -> dict[str, int]:
+    """The open_clip ViT-B-16 shape, or a tiny one for the smoke test."""
+    if tiny:
+        return dict(image=32, patch=8, v_width=64, v_depth=2, v_heads=2, t_width=64, t_depth=2, t_heads=2,
+                    context=16, vocab=512, embed=32, batch=4)
+    return dict(image=224, patch=16, v_width=768, v_depth=12, v_heads=12, t_width=512, t_depth=12, t_heads=8,
+                context=77, vocab=49408, embed=512, batch=8)
+
+
+def sparc_overrides(s: dict[str, int], precision: str) -> list[str]:
+    return [
+        f"model.embed_dim={s['embed']}",
+        f"model.vision.image_size={s['image']}", f"model.vision.patch_size={s['patch']}",
+        f"model.vision.width={s['v_width']}", f"model.vision.depth={s['v_depth']}",
+        f"model.vision.heads={s['v_heads']}",
+        f"model.text.width={s['t_width']}", f"model.text.depth={s['t_depth']}", f"model.text.heads={s['t_heads']}",
+        "model.text.causal=true",  # open_clip's text tower is causal
+        f"tokenizer.context_length={s['context']}", f"tokenizer.vocab_size={s['vocab']}",
+        f"train.batch_size={s['batch']}", f"train.precision={precision}", "train.device=cpu",
+    ]
+
+
+def synthetic_batch(s: dict[str, int]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    b, size = s["batch"], s["image"]
+    return {
+        "images": torch.randn(b, 3, size, size, generator=g),
+        "token_ids": torch.randint(1, s["vocab"], (b, s["context"]), generator=g),
+        "token_mask": torch.ones(b, s["context"], dtype=torch.bool),  # every caption fills the context
+    }
+
+
+def recipe_optim(s: dict[str, int]):
+    return sparc_kit.load_recipe("sparc_b16", sparc_overrides(s, "fp32")).optim
+
+
+class System:
+    """One trainable system: ``step()`` is one full optimizer step on the fixed batch."""
+
+    def __init__(self, name: str, step: Callable[[], None], params: int):
+        self.name, self.step, self.params = name, step, params
+        self.times: list[float] = []
+        self.flops = 0
+
+
+def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, torch.Tensor]) -> System:
+    recipe = sparc_kit.load_recipe(RECIPES[name], sparc_overrides(s, precision))
+    torch.manual_seed(0)
+    model, loss_fn = sparc_kit.build_model(recipe), build_loss(recipe)
+    module = TrainModule(model, loss_fn)
+    o = recipe.optim
+    engine = LocalEngine(device="cpu", precision=precision)
+    spec = OptimizerSpec(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                         weight_decay=o.weight_decay)
+    engine.setup(module, spec, BatchLayout(s["batch"]), o.grad_clip)
+
+    def step() -> None:
+        train_step(engine, batch, grad_clip=o.grad_clip)
+
+    return System(name, step, sum(p.numel() for p in module.parameters()))
+
+
+def build_open_clip(s: dict[str, int], precision: str, batch: dict[str, torch.Tensor], optim) -> System:
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(0)
+    if s["image"] == 224:
+        model = open_clip.create_model("ViT-B-16")  # random init: no pretrained tag
+    else:  # --tiny
+        model = open_clip.CLIP(
+            s["embed"],
+            open_clip.model.CLIPVisionCfg(layers=s["v_depth"], width=s["v_width"], patch_size=s["patch"],
+                                          image_size=s["image"], head_width=s["v_width"] // s["v_heads"]),
+            open_clip.model.CLIPTextCfg(context_length=s["context"], vocab_size=s["vocab"], width=s["t_width"],
+                                        heads=s["t_heads"], layers=s["t_depth"]),
+        )
+    model.train()
+    loss_fn = ClipLoss()
+    # open_clip's training script: gains, biases and the logit scale are not decayed
+    excluded = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if excluded(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not excluded(n, p)], "weight_decay": optim.weight_decay}],
+        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+    )
+    params = [p for _, p in named]
+    images, tokens = batch["images"], batch["token_ids"]
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else None
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if autocast is not None:
+            with autocast():
+                loss = loss_fn(*model(images, tokens)[:3])
+        else:
+            loss = loss_fn(*model(images, tokens)[:3])  # (image features, text features, logit scale)
+        loss.backward()
+        if optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, optim.grad_clip, norm_type=2.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+
+    return System("open_clip", step, sum(p.numel() for p in params))
+
+
+def gemm_rate(n: int = 4096, reps: int = 5) -> float:
+    """FLOP/s of an n^3 bf16 matrix product: the best of ``reps`` after one warm-up."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def commit() -> str:
+    """This checkout's commit, and whether the sparc_kit measured is this checkout's (with uncommitted edits?)."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sparc_kit"], cwd=here, capture_output=True,
+                               text=True)
+    except OSError:
+        return "unknown"
+    if here not in Path(sparc_kit.__file__).resolve().parents:
+        return sha.stdout.strip() + " (sparc_kit imported from outside this checkout)"
+    return sha.stdout.strip() + (" (sparc_kit/ has uncommitted edits)" if dirty.stdout.strip() else "")
+
+
+def measure(precision: str, names: list[str], s: dict[str, int], steps: int, optim) -> list[System]:
+    batch = synthetic_batch(s)
+    systems = [build_open_clip(s, precision, batch, optim) if n == "open_clip" else build_sparc(n, s, precision, batch)
+               for n in names]
+    for system in systems:  # warm-up 1, counted; warm-up 2, plain
+        counter = FlopCounterMode(display=False)
+        with counter:
+            system.step()
+        system.flops = counter.get_total_flops()
+        system.step()
+    for r in range(steps):  # interleaved; the order rotates so no system always runs right after another
+        for system in systems[r % len(systems):] + systems[: r % len(systems)]:
+            start = time.perf_counter()
+            system.step()
+            system.times.append(time.perf_counter() - start)
+    return systems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per system and precision")
+    parser.add_argument("--precisions", default="fp32,bf16")
+    parser.add_argument("--systems", default=",".join(SYSTEMS))
+    parser.add_argument("--tiny", action="store_true", help="a tiny shape (the smoke test); not a measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/vs_open_clip.json)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n for n in args.systems.split(",") if n]
+    unknown = [n for n in names if n not in SYSTEMS]
+    if unknown:
+        parser.error(f"unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if "open_clip" in names:
+        try:
+            import open_clip  # noqa: F401
+        except ImportError:
+            print(f"open_clip is not installed: skipping its rows. To compare against it: {INSTALL_HINT}")
+            names.remove("open_clip")
+    precisions = [p for p in args.precisions.split(",") if p]
+    s = shape(args.tiny)
+    optim = recipe_optim(s)
+    threads, measured = torch.get_num_threads(), commit()  # the commit at start (another may land meanwhile)
+    print(f"\nopen_clip against sparc-kit, {'TINY shape' if args.tiny else 'ViT-B/16 224 px, text 12 x 512, 77 tokens'}"
+          f", batch {s['batch']}, {args.steps} interleaved steps after 2 warm-up, CPU {threads} threads, "
+          f"torch {torch.__version__}, sparc-kit commit {measured}")
+    print(f"AdamW lr {optim.lr}, betas {tuple(optim.betas)}, eps {optim.eps}, weight decay {optim.weight_decay}, "
+          f"gradient clipping at {optim.grad_clip} for every system\n")
+
+    rate_before = gemm_rate(1024 if args.tiny else 4096)
+    results: dict[str, list[System]] = {}
+    for precision in precisions:
+        print(f"measuring {precision}: {', '.join(names)} ...", flush=True)
+        results[precision] = measure(precision, names, s, args.steps, optim)
+    rate_after = gemm_rate(1024 if args.tiny else 4096)
+    rate = max(rate_before, rate_after)
+
+    rows: list[dict[str, Any]] = []
+    for precision, systems in results.items():
+        base = next((x for x in systems if x.name == "open_clip"), None)
+        for x in systems:
+            median = statistics.median(x.times)
+            row = {
+                "system": x.name, "precision": precision, "params": x.params, "median_step_s": median,
+                "step_times_s": x.times, "samples_per_s": s["batch"] / median, "step_flops": x.flops,
+                "achieved_flops_per_s": x.flops / median, "fraction_of_bf16_gemm_rate": x.flops / median / rate,
+                "time_x_open_clip": median / statistics.median(base.times) if base else None,
+                "flops_x_open_clip": x.flops / base.flops if base else None,
+            }
+            rows.append(row)
+
+    label = {"open_clip": "open_clip (CLIP)", "sparc_clip": "sparc-kit CLIP", "sparc_sparc": "sparc-kit SPARC"}
+    print(f"bf16 GEMM 4096^3: {rate_before / 1e12:.2f} TFLOP/s before the steps, {rate_after / 1e12:.2f} after"
+          if not args.tiny else f"bf16 GEMM 1024^3 (tiny): {rate / 1e9:.1f} GFLOP/s")
+    print("\n| system | precision | params (M) | median step s | samples/s | step time x open_clip "
+          "| GFLOP per step | FLOPs x open_clip | achieved GFLOP/s | x bf16 GEMM rate |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
+    for r in rows:
+        print(f"| {label[r['system']]} | {r['precision']} | {r['params'] / 1e6:.1f} | {r['median_step_s']:.3f} "
+              f"| {r['samples_per_s']:.2f} | {fmt(r['time_x_open_clip'])} | {r['step_flops'] / 1e9:,.0f} "
+              f"| {fmt(r['flops_x_open_clip'])} | {r['achieved_flops_per_s'] / 1e9:,.0f} "
+              f"| {r['fraction_of_bf16_gemm_rate']:.3f} |")
+
+    out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "vs_open_clip.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "commit": measured, "torch": torch.__version__, "threads": threads, "cpu": platform.processor() or None,
+        "cpus": os.cpu_count(), "tiny": args.tiny, "shape": s, "steps": args.steps, "warmup_steps": 2,
+        "optim": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+                  "grad_clip": optim.grad_clip},
+        "open_clip": _version("open_clip"),
+        "bf16_gemm_flops_per_s": {"before": rate_before, "after": rate_after, "used": rate,
+                                  "n": 1024 if args.tiny else 4096},
+        "rows": rows,
+    }
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    print(f"\nwritten: {out}")
+    return 0
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

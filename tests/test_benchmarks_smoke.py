@@ -1,0 +1,29 @@
+"""Smoke test of benchmarks/vs_open_clip.py: it runs end to end at a tiny shape and writes its JSON. No time is
+asserted (speed is measured by the benchmark, not tested); open_clip is left out, so the test needs only sparc-kit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "vs_open_clip.py"
+
+
+@pytest.mark.smoke
+def test_smoke_vs_open_clip_tiny_without_open_clip(tmp_path):
+    out = tmp_path / "vs_open_clip_tiny.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--threads", "1", "--systems", "sparc_clip,sparc_sparc",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    record = json.loads(out.read_text())
+    assert {(r["system"], r["precision"]) for r in record["rows"]} == {
+        (s, p) for s in ("sparc_clip", "sparc_sparc") for p in ("fp32", "bf16")
+    }
+    assert all(r["step_flops"] > 0 and r["time_x_open_clip"] is None for r in record["rows"])
