@@ -110,7 +110,7 @@ def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, t
     o = recipe.optim
     engine = LocalEngine(device="cpu", precision=precision)
     spec = OptimizerSpec(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                         weight_decay=o.weight_decay)
+                         weight_decay=o.weight_decay, impl=o.impl)  # as train/loop.py builds it
     engine.setup(module, spec, BatchLayout(s["batch"]), o.grad_clip)
 
     def step() -> None:
