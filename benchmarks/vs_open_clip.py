@@ -47,7 +47,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sparc_kit
-from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec, param_groups
+from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec
 from sparc_kit.train import build_loss
 from sparc_kit.train.module import TrainModule
 from sparc_kit.train.step import train_step
@@ -109,8 +109,7 @@ def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, t
     module = TrainModule(model, loss_fn)
     o = recipe.optim
     engine = LocalEngine(device="cpu", precision=precision)
-    spec = OptimizerSpec(param_groups(module, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                         weight_decay=o.weight_decay, impl=o.impl)  # as train/loop.py builds it
+    spec = OptimizerSpec.from_recipe(o, module)  # as train/loop.py builds it
     engine.setup(module, spec, BatchLayout(s["batch"]), o.grad_clip)
 
     def step() -> None:

@@ -151,6 +151,19 @@ class OptimizerSpec:
     #: benchmarks/optimizer_step.py: on the reference CPU fused does a 150M-parameter update 3.3-4.9x faster.
     impl: str = "auto"
 
+    @classmethod
+    def from_recipe(cls, optim: Any, module: nn.Module) -> "OptimizerSpec":
+        """The AdamW a recipe's ``optim`` section asks for over ``module``'s parameters (matrices decayed): what the
+        training loop builds, and what a benchmark of its step should build too."""
+        return cls(
+            param_groups(module, optim.weight_decay),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            impl=optim.impl,
+        )
+
     def torch_groups(self) -> list[dict[str, Any]]:
         """The groups without the bookkeeping keys torch's optimizers do not know."""
         return [{k: v for k, v in g.items() if k != "names"} for g in self.groups if g["params"]]

@@ -30,7 +30,7 @@ import torch
 from sparc_kit.checkpoint import CHECKPOINTS, METRICS, RECIPE, TOKENIZER, read_checkpoint_state, save_train_checkpoint
 from sparc_kit.config import dump_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
-from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec, param_groups
+from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec
 from sparc_kit.errors import RecipeError, RunError, require_recipe
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
@@ -269,14 +269,7 @@ def _train(
 
     model = build_model(recipe)
     module = TrainModule(model, build_loss(recipe))  # some losses own parameters (SigLIP's bias, MGCA's attention)
-    optimizer = OptimizerSpec(
-        param_groups(module, cfg_optim.weight_decay),
-        lr=cfg_optim.lr,
-        betas=tuple(cfg_optim.betas),
-        eps=cfg_optim.eps,
-        weight_decay=cfg_optim.weight_decay,
-        impl=cfg_optim.impl,
-    )
+    optimizer = OptimizerSpec.from_recipe(cfg_optim, module)
     engine.setup(module, optimizer, layout, cfg_optim.grad_clip)
 
     state = TrainState()
