@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from sparc_cli._errors import fail
+from sparc_cli._errors import reported
 
 ORDER = 40
 
@@ -22,10 +22,8 @@ def components(
     import sparc_kit  # noqa: F401  (registers the built-ins)
     from sparc_kit import registry
 
-    try:
+    with reported():  # an unknown kind is a SparcError: one line, exit 2
         kinds = [registry.get_registry(kind).kind] if kind else registry.kinds()
-    except registry.UnknownComponentError as exc:  # a KeyError, not a SparcError
-        fail(str(exc))
     for k in kinds:
         reg = registry.get_registry(k)
         typer.echo(f"{k}: {reg.description}")
