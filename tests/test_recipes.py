@@ -63,6 +63,10 @@ def test_sparc_tiny_values_as_written_and_defaults_filled():
         "mlp_ratio": 4.0,  # default from ViT.__init__
         "in_channels": 3,
         "class_token": False,
+        "pre_norm": False,  # the options that express CLIP's and timm's ViTs, off by default
+        "patch_bias": True,
+        "act": "gelu",
+        "norm_eps": 1e-5,
     }
     assert r.loss.model_dump() == {
         "name": "sparc",
@@ -250,7 +254,7 @@ def test_problems_unknown_component_parameter_lists_that_components_keys():
     ]
     assert problems_of("sparc_tiny", ["model.vision.widht=3"]) == [
         "model.vision.widht: unknown key (value 3). Did you mean 'width'? Accepted keys: image_size, patch_size, "
-        "width, depth, heads, mlp_ratio, in_channels, class_token."
+        "width, depth, heads, mlp_ratio, in_channels, class_token, pre_norm, patch_bias, act, norm_eps."
     ]
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "TokenizerConfig",
     "OptimConfig",
     "TrainConfig",
+    "InitFromConfig",
 ]
 
 COMPONENT_SECTIONS = {  # recipe path of each component section -> its registry kind
@@ -95,6 +96,20 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, gt=0)
     max_skip_fraction: float = Field(
         0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
+    )
+
+
+class InitFromConfig(Strict):
+    """Weights to start training from (``model.init_from``), read once when a run starts (never on resume; the
+    file is not opened while the recipe is validated): an open_clip CLIP checkpoint, a timm ViT state dict, or
+    another sparc-kit run, checkpoint or exported ``.safetensors`` (docs/finetune.md)."""
+
+    format: Literal["open_clip", "timm", "sparc"] = Field(..., description="whose names the file's tensors have")
+    path: str = Field(..., min_length=1, description="a .safetensors or .pt/.pth/.bin file, or a sparc-kit run folder")
+    strict: bool = Field(
+        True,
+        description="refuse a file with tensors that map to nothing in the model, or that leaves a weight of the "
+        "towers it covers unset; false: load what maps and log the rest",
     )
 
 
@@ -197,6 +212,7 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
         init_temperature=(float, Field(0.07, gt=0)),
         max_logit_scale=(float, Field(100.0, gt=1)),
         grad_checkpointing=(bool, False),
+        init_from=(Optional[InitFromConfig], None),
     )
     return create_model(
         "Recipe",

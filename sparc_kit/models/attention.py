@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from sparc_kit.errors import SparcError
 from sparc_kit.registry import attention_backends
 
-__all__ = ["Attention", "Block", "Mlp", "attention_mask", "get_attention_backend", "BackendUnavailableError"]
+__all__ = ["Attention", "Block", "Mlp", "QuickGELU", "ACTIVATIONS", "attention_mask", "get_attention_backend", "BackendUnavailableError"]
 
 
 _KERNEL_ARGS = ("q", "k", "v", "mask")  # call arguments, not recipe settings
@@ -121,11 +121,22 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, w))
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+#: the MLP activations a native tower may use (recipe ``act``): the exact (erf) GELU, or CLIP's QuickGELU
+ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int, act: str = "gelu"):
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
-        self.act = nn.GELU()
+        self.act = ACTIVATIONS[act]()
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,14 +144,22 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block."""
+    """Pre-LayerNorm transformer block (``norm_eps``: the LayerNorms' epsilon; ``act``: the MLP's activation)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        backend: str = "sdpa",
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(width)
+        self.norm1 = nn.LayerNorm(width, eps=norm_eps)
         self.attn = Attention(width, heads, backend)
-        self.norm2 = nn.LayerNorm(width)
-        self.mlp = Mlp(width, int(width * mlp_ratio))
+        self.norm2 = nn.LayerNorm(width, eps=norm_eps)
+        self.mlp = Mlp(width, int(width * mlp_ratio), act)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), mask)
@@ -168,9 +187,18 @@ def divisibility_problems(path: str, width: int, heads: int) -> list[str]:
 class Transformer(nn.Module):
     """A stack of pre-LN blocks with optional gradient checkpointing."""
 
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, backend: str = "sdpa"):
+    def __init__(
+        self,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        backend: str = "sdpa",
+        act: str = "gelu",
+        norm_eps: float = 1e-5,
+    ):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, backend) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, backend, act, norm_eps) for _ in range(depth))
         self.grad_checkpointing = False
 
     def set_backend(self, backend: str) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -40,7 +40,8 @@ class TextTransformer(TransformerTower):
     ``embed_init_std``: the standard deviation of the token embedding's normal initialisation. CLIP's 0.02 makes
     a token's own identity small beside what attention mixes in from the rest of the caption under this pre-LN
     tower; see docs/results.md for what it costs at small scale.
-    Paper size: width 768, depth 12, heads 12, 55 tokens.
+    ``act`` (``quick_gelu`` for OpenAI's CLIP weights) and ``norm_eps`` as in the native ViT. The final LayerNorm
+    is applied to every token (CLIP's ``ln_final``). Paper size: width 768, depth 12, heads 12, 55 tokens.
     """
 
     def __init__(
@@ -53,6 +54,8 @@ class TextTransformer(TransformerTower):
         mlp_ratio: PositiveFloat = 4.0,
         causal: bool = False,
         embed_init_std: PositiveFloat = 0.02,
+        act: Literal["gelu", "quick_gelu"] = "gelu",
+        norm_eps: PositiveFloat = 1e-5,
         attention: str = "sdpa",
         grad_checkpointing: bool = False,
     ):
@@ -65,8 +68,8 @@ class TextTransformer(TransformerTower):
         self.causal = causal
         self.token_embed = nn.Embedding(vocab_size, width)
         self.pos_embed = nn.Parameter(torch.zeros(1, context_length, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio, attention)
-        self.norm = nn.LayerNorm(width)
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, attention, act, norm_eps)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.apply(init_weights)
         nn.init.normal_(self.token_embed.weight, std=embed_init_std)
         nn.init.normal_(self.pos_embed, std=0.01)

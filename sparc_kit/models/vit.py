@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -33,6 +33,12 @@ class VisionTransformer(TransformerTower):
 
     The paper's image towers have no class token (the global embedding is average-pooled); ``class_token``
     adds one for the class-token pooler. Sizes: B/32, B/16 = width 768, depth 12, heads 12; L/14 = 1024, 24, 16.
+
+    What CLIP's (open_clip's) and timm's ViTs differ in, each off by default: ``pre_norm`` (a LayerNorm on the
+    tokens after the positions are added, before the blocks: CLIP's ``ln_pre``), ``patch_bias: false`` (CLIP's
+    patch embedding has no bias), ``act: quick_gelu`` (OpenAI's CLIP weights; open_clip's own use ``gelu``) and
+    ``norm_eps`` (1e-5 as torch and CLIP; timm's ViTs use 1e-6). The final LayerNorm is applied to every token
+    (CLIP's ``ln_post`` before its class-token pooling, timm's ``norm``).
     """
 
     def __init__(
@@ -45,6 +51,10 @@ class VisionTransformer(TransformerTower):
         mlp_ratio: PositiveFloat = 4.0,
         in_channels: PositiveInt = 3,
         class_token: bool = False,
+        pre_norm: bool = False,
+        patch_bias: bool = True,
+        act: Literal["gelu", "quick_gelu"] = "gelu",
+        norm_eps: PositiveFloat = 1e-5,
         attention: str = "sdpa",
         grad_checkpointing: bool = False,
     ):
@@ -56,12 +66,13 @@ class VisionTransformer(TransformerTower):
         self.grid = image_size // patch_size
         self.num_patches = self.grid**2
         self.width = width
-        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = nn.Conv2d(in_channels, width, kernel_size=patch_size, stride=patch_size, bias=patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width)) if class_token else None
         num_tokens = self.num_patches + (1 if class_token else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
-        self.transformer = Transformer(width, depth, heads, mlp_ratio, attention)
-        self.norm = nn.LayerNorm(width)
+        self.pre_norm = nn.LayerNorm(width, eps=norm_eps) if pre_norm else nn.Identity()
+        self.transformer = Transformer(width, depth, heads, mlp_ratio, attention, act, norm_eps)
+        self.norm = nn.LayerNorm(width, eps=norm_eps)
         self.apply(init_weights)
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
@@ -73,8 +84,9 @@ class VisionTransformer(TransformerTower):
         """The parameters of a ``vit`` recipe section, counted from its layers without building it."""
         w, p = section.width, section.patch_size
         tokens = (section.image_size // p) ** 2 + (1 if section.class_token else 0)
-        patch_embed = section.in_channels * p * p * w + w
-        return patch_embed + tokens * w + (w if section.class_token else 0) + 2 * w + transformer_parameter_count(
+        patch_embed = section.in_channels * p * p * w + (w if section.patch_bias else 0)
+        norms = (4 if section.pre_norm else 2) * w
+        return patch_embed + tokens * w + (w if section.class_token else 0) + norms + transformer_parameter_count(
             w, section.depth, section.mlp_ratio
         )
 
@@ -82,7 +94,7 @@ class VisionTransformer(TransformerTower):
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # [B, P, W]
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.norm(self.transformer(x + self.pos_embed))
+        x = self.norm(self.transformer(self.pre_norm(x + self.pos_embed)))
         if self.cls_token is not None:
             return {"patch_tokens": x[:, 1:], "cls_token": x[:, 0]}
         return {"patch_tokens": x, "cls_token": None}
