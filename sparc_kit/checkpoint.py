@@ -47,6 +47,7 @@ __all__ = [
     "METRICS",
     "CHECKPOINTS",
     "EVAL",
+    "LOCK",
     "LATEST",
     "MODEL_WEIGHTS",
     "TRAINER_STATE",
@@ -74,6 +75,7 @@ TOKENIZER = "tokenizer.model"  # the SentencePiece model it trained or was given
 METRICS = "metrics.jsonl"  # one row per logged step
 CHECKPOINTS = "checkpoints"  # the step folders and the LATEST pointer
 EVAL = "eval"  # sparc eval's results, one NAME.json each
+LOCK = ".lock"  # locked by the training process for the whole run; holds its pid
 # a checkpoint folder
 LATEST = "latest"  # in CHECKPOINTS: the name of the newest complete step folder
 MODEL_WEIGHTS = "model.safetensors"

@@ -30,6 +30,7 @@ LAYERS = [
     ["sparc_kit.config"],
     ["sparc_kit.pretrained", "sparc_kit.train", "sparc_kit.export"],
     ["sparc_kit.ablate"],
+    ["sparc_kit.runs"],  # sparc runs: a run folder's summary, ranked as a sweep report ranks
     ["sparc_kit"],  # the package's own __init__: the public facade
     ["sparc_cli"],
 ]

@@ -15,7 +15,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 from sparc_kit.ablate.plan import Sweep, flatten, point_state
 from sparc_kit.checkpoint import EVAL
@@ -26,6 +26,10 @@ from sparc_kit.train import read_metrics
 __all__ = [
     "Report",
     "collect_runs",
+    "run_metrics",
+    "row_eval_metrics",
+    "eval_file_metrics",
+    "eval_file_tasks",
     "summarize",
     "default_mode",
     "default_metric",
@@ -52,46 +56,77 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
+def run_metrics(run_dir: str, steps: int | None = None) -> dict[str, float]:
+    """One run folder's results over its metrics rows (those up to ``steps`` when given): ``final_loss``, the other
+    numbers of the last metrics.jsonl row (evaluations the loop ran as ``eval/NAME/KEY``), the numbers of every
+    ``RUN/eval/NAME.json`` (:func:`eval_file_metrics`; a file overrides the row), and ``samples_per_s`` (the mean
+    over the rows). Empty results when no row was logged."""
+    rows = [r for r in read_metrics(run_dir) if steps is None or r.get("step", 0) <= steps]
+    if not rows:
+        return {}
+    last = rows[-1]
+    metrics: dict[str, float] = {"final_loss": float(last["loss"])} if _number(last.get("loss")) else {}
+    metrics.update(row_eval_metrics(last, include_training=True))
+    metrics.update(eval_file_metrics(run_dir))
+    speeds = [float(r["samples_per_s"]) for r in rows if _number(r.get("samples_per_s"))]
+    if speeds:
+        metrics["samples_per_s"] = statistics.fmean(speeds)
+    return metrics
+
+
+def row_eval_metrics(row: dict[str, Any], include_training: bool = False) -> dict[str, float]:
+    """The measurements of one metrics.jsonl row: its ``eval/NAME/KEY`` numbers (counts such as ``n`` left out);
+    with ``include_training`` also the loss's diagnostics (not the bookkeeping, not ``loss`` itself)."""
+    out = {}
+    for k, v in row.items():
+        if k in _BOOKKEEPING or k == "loss" or not _number(v):
+            continue
+        if k.startswith("eval/") and k.split("/")[-1] in _EVAL_SKIP:
+            continue
+        if include_training or k.startswith("eval/"):
+            out[k] = float(v)
+    return out
+
+
+def _eval_files(run_dir: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(NAME, contents)`` of every readable ``RUN/eval/NAME.json`` holding an object, in name order."""
+    folder = os.path.join(run_dir, EVAL)
+    for fname in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not fname.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(folder, fname)) as f:
+                data = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            yield fname[: -len(".json")], data
+
+
+def eval_file_metrics(run_dir: str) -> dict[str, float]:
+    """The numbers of every ``RUN/eval/NAME.json`` as ``eval/NAME/KEY``: its ``metrics`` mapping when it has one,
+    as :mod:`sparc_kit.evaluate` writes; else the file's own top-level numbers; counts such as ``n`` left out."""
+    metrics = {}
+    for stem, data in _eval_files(run_dir):
+        found = data["metrics"] if isinstance(data.get("metrics"), dict) else data
+        for k, v in flatten(found).items():
+            if k.split(".")[-1] not in _EVAL_SKIP and _number(v):
+                metrics[f"eval/{stem}/{k}"] = float(v)
+    return metrics
+
+
+def eval_file_tasks(run_dir: str) -> dict[str, str]:
+    """The ``task`` of each ``RUN/eval/NAME.json`` (``sparc eval`` results), by NAME."""
+    return {stem: data["task"] for stem, data in _eval_files(run_dir) if isinstance(data.get("task"), str)}
+
+
 def collect_runs(sweep: Sweep) -> list[dict[str, Any]]:
-    """One dict per finished run: ``point`` and ``metrics``: ``final_loss``, the other numbers of the last
-    metrics.jsonl row (evaluations the loop ran as ``eval/NAME/KEY``), the numbers of every ``RUN/eval/NAME.json``
-    as ``eval/NAME/KEY`` (its ``metrics`` mapping when it has one, as :mod:`sparc_kit.evaluate` writes; else the
-    file's own top-level numbers; counts such as ``n`` or ``images`` left out; a file overrides the row), and
-    ``samples_per_s`` (the mean over the rows)."""
+    """One dict per finished run: ``point`` and ``metrics`` (:func:`run_metrics`)."""
     out = []
     for point in sweep.points:
         if point_state(point) != "done":
             continue
-        rows = [r for r in read_metrics(point.run_dir) if r.get("step", 0) <= point.recipe.train.steps]
-        last = rows[-1]
-        metrics: dict[str, float] = {"final_loss": float(last["loss"])}
-        for k, v in last.items():
-            if k in _BOOKKEEPING or k == "loss" or not _number(v):
-                continue
-            if k.startswith("eval/") and k.split("/")[-1] in _EVAL_SKIP:
-                continue
-            metrics[k] = float(v)
-        eval_dir = os.path.join(point.run_dir, EVAL)
-        if os.path.isdir(eval_dir):
-            for fname in sorted(os.listdir(eval_dir)):
-                if not fname.endswith(".json"):
-                    continue
-                try:
-                    with open(os.path.join(eval_dir, fname)) as f:
-                        data = json.load(f)
-                except (OSError, json.JSONDecodeError):
-                    continue
-                if not isinstance(data, dict):
-                    continue
-                stem = fname[: -len(".json")]
-                found = data["metrics"] if isinstance(data.get("metrics"), dict) else data
-                for k, v in flatten(found).items():
-                    if k.split(".")[-1] not in _EVAL_SKIP and _number(v):
-                        metrics[f"eval/{stem}/{k}"] = float(v)
-        speeds = [float(r["samples_per_s"]) for r in rows if _number(r.get("samples_per_s"))]
-        if speeds:
-            metrics["samples_per_s"] = statistics.fmean(speeds)
-        out.append({"point": point, "metrics": metrics})
+        out.append({"point": point, "metrics": run_metrics(point.run_dir, point.recipe.train.steps)})
     return out
 
 
@@ -160,15 +195,8 @@ def eval_tasks(sweep: Sweep) -> dict[str, str]:
         entries = list(getattr(recipe, "eval", None) or [])
         tasks.update(zip(spec_names(entries), (e.task for e in entries)))
     for point in sweep.points:
-        folder = os.path.join(point.run_dir, EVAL)
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            try:
-                with open(os.path.join(folder, name)) as f:
-                    task = json.load(f).get("task")
-            except (OSError, ValueError, AttributeError):
-                continue
-            if name.endswith(".json") and isinstance(task, str):
-                tasks.setdefault(name[: -len(".json")], task)
+        for name, task in eval_file_tasks(point.run_dir).items():
+            tasks.setdefault(name, task)
     return tasks
 
 
