@@ -305,7 +305,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
         "clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc",
         "manifest", "synthetic", "webdataset",
         "ddp", "deepspeed", "local",
-        "math", "sdpa", "xformers",
+        "auto", "math", "matmul", "sdpa", "xformers",
         "retrieval", "segmentation", "zeroshot",
     ]
     assert "      lambda_g: float = 0.5" in lines

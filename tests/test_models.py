@@ -173,6 +173,53 @@ def test_sdpa_backend_matches_math(case):
     torch.testing.assert_close(sdpa, ref, rtol=0, atol=ATOL)
 
 
+@pytest.mark.parametrize("backend", ["matmul", "auto"])
+@pytest.mark.parametrize("case", list(MASK_CASES))
+def test_matmul_and_auto_backends_match_slow_reference(backend, case):
+    q, k, v = qkv(seed=4)
+    mask = make_mask(case)
+    out = get_attention_backend(backend)(q, k, v, mask)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref_attention(q, k, v, mask), rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("backend", ["matmul", "auto"])
+@pytest.mark.parametrize("case", ["none", "causal+padding"])
+def test_bf16_backends_match_float64_reference_and_its_gradients(backend, case):
+    """In bfloat16 (where ``auto`` runs ``matmul`` on the CPU) the outputs and the gradients of q, k, v stay within
+    bfloat16 rounding of the float64 reference, as close as torch's fused kernel gets."""
+    q64, k64, v64 = [t.double().requires_grad_() for t in qkv(b=3, h=3, n=7, d=16, seed=6)]
+    mask = make_mask(case)
+    ref = ref_attention(q64, k64, v64, mask)
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g)
+    errors = {}
+    for name in (backend, "sdpa"):
+        q, k, v = [t.detach().bfloat16().requires_grad_() for t in (q64, k64, v64)]
+        out = get_attention_backend(name)(q, k, v, mask)
+        assert out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out, (q, k, v), g.bfloat16())
+        errors[name] = [(out.double() - ref).abs().max().item()] + [
+            (a.double() - b).abs().max().item() for a, b in zip(grads, ref_grads)
+        ]
+    for err, fused in zip(errors[backend], errors["sdpa"]):
+        assert err < 0.05  # bfloat16 keeps 8 bits of mantissa; these values are O(1)
+        assert err <= 2 * fused + 0.01, errors
+
+
+def test_auto_backend_picks_by_device_dtype_and_length():
+    from sparc_kit.models.attention import CPU_MATMUL_MAX_KEYS, auto_kernel, matmul_attention, sdpa_attention
+
+    def pick(dtype, n):
+        x = torch.zeros(1, 1, n, 8, dtype=dtype)
+        return auto_kernel(x, x)
+
+    assert pick(torch.bfloat16, 197) is matmul_attention
+    assert pick(torch.float16, CPU_MATMUL_MAX_KEYS) is matmul_attention
+    assert pick(torch.bfloat16, CPU_MATMUL_MAX_KEYS + 1) is sdpa_attention
+    assert pick(torch.float32, 77) is sdpa_attention
+
+
 def test_attention_mask_helper_values():
     n = 5
     key_mask = lengths_mask([5, 3, 0], n)

@@ -1,9 +1,11 @@
 """Attention backends and the transformer block shared by the native encoders.
 
-One switch picks the kernel: ``sdpa`` (torch's fused ``scaled_dot_product_attention``, the default), ``math`` (an
-explicit softmax(QK^T / sqrt(d)) V, the reference the others are tested against) and ``xformers``
-(``memory_efficient_attention``, from the optional ``xformers`` extra, CUDA only). Each backend takes q, k, v of
-shape [B, H, N, Dh] and a boolean mask broadcastable to [B, H, N, N] (True = may attend).
+One switch picks the kernel: ``auto`` (the default: the fastest of the others for the device, dtype and length,
+see :func:`auto_kernel`), ``sdpa`` (torch's fused ``scaled_dot_product_attention``), ``matmul`` (the explicit
+softmax(QK^T / sqrt(d)) V in the inputs' dtype), ``math`` (the same in float32, the reference the others are
+tested against) and ``xformers`` (``memory_efficient_attention``, from the optional ``xformers`` extra, CUDA
+only). Each backend takes q, k, v of shape [B, H, N, Dh] and a boolean mask broadcastable to [B, H, N, N]
+(True = may attend).
 """
 
 from __future__ import annotations
@@ -43,6 +45,38 @@ def math_attention(q, k, v, mask):
     if mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     return (scores.softmax(dim=-1) @ v).to(dtype)
+
+
+@attention_backends.register("matmul", supplied=_KERNEL_ARGS)
+def matmul_attention(q, k, v, mask):
+    """Explicit softmax(QK^T / sqrt(d)) V in the inputs' dtype (two batched matrix products and a softmax).
+
+    On the CPU in bfloat16 this is faster than torch's CPU flash kernel for the short sequences of image-text
+    towers (196 patches, 77 tokens); it keeps the [B, H, N, N] scores for the backward pass.
+    """
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores.softmax(dim=-1) @ v
+
+
+#: On the CPU in a 16-bit dtype, ``matmul`` beats the fused kernel up to about this many keys; past it, and in
+#: float32, ``sdpa`` is as fast or faster and keeps no N x N scores (``python benchmarks/attention.py``).
+CPU_MATMUL_MAX_KEYS = 640
+
+
+def auto_kernel(q: torch.Tensor, k: torch.Tensor):
+    """The kernel ``auto`` runs for these inputs: ``matmul`` on the CPU for 16-bit inputs over at most
+    :data:`CPU_MATMUL_MAX_KEYS` keys, ``sdpa`` everywhere else (on CUDA torch picks flash or memory-efficient)."""
+    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= CPU_MATMUL_MAX_KEYS:
+        return matmul_attention
+    return sdpa_attention
+
+
+@attention_backends.register("auto", supplied=_KERNEL_ARGS)
+def auto_attention(q, k, v, mask):
+    """The measured-fastest kernel for the device, dtype and sequence length (:func:`auto_kernel`)."""
+    return auto_kernel(q, k)(q, k, v, mask)
 
 
 @attention_backends.register("xformers", supplied=_KERNEL_ARGS)
@@ -99,7 +133,7 @@ def attention_mask(
 
 
 class Attention(nn.Module):
-    def __init__(self, width: int, heads: int, backend: str = "sdpa"):
+    def __init__(self, width: int, heads: int, backend: str = "auto"):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} must be divisible by heads {heads}")
@@ -151,7 +185,7 @@ class Block(nn.Module):
         width: int,
         heads: int,
         mlp_ratio: float = 4.0,
-        backend: str = "sdpa",
+        backend: str = "auto",
         act: str = "gelu",
         norm_eps: float = 1e-5,
     ):
@@ -193,7 +227,7 @@ class Transformer(nn.Module):
         depth: int,
         heads: int,
         mlp_ratio: float = 4.0,
-        backend: str = "sdpa",
+        backend: str = "auto",
         act: str = "gelu",
         norm_eps: float = 1e-5,
     ):

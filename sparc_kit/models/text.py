@@ -56,7 +56,7 @@ class TextTransformer(TransformerTower):
         embed_init_std: PositiveFloat = 0.02,
         act: Literal["gelu", "quick_gelu"] = "gelu",
         norm_eps: PositiveFloat = 1e-5,
-        attention: str = "sdpa",
+        attention: str = "auto",
         grad_checkpointing: bool = False,
     ):
         super().__init__()

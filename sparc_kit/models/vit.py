@@ -55,7 +55,7 @@ class VisionTransformer(TransformerTower):
         patch_bias: bool = True,
         act: Literal["gelu", "quick_gelu"] = "gelu",
         norm_eps: PositiveFloat = 1e-5,
-        attention: str = "sdpa",
+        attention: str = "auto",
         grad_checkpointing: bool = False,
     ):
         super().__init__()
