@@ -6,6 +6,10 @@
     loss_fn = sparc_kit.build_loss(recipe)      # called as loss_fn(**model(images, token_ids))
     dataset = sparc_kit.build_dataset(recipe)
 
+    # open_clip's shape, for a trained run (or a recipe: fresh weights)
+    model, train_transform, eval_transform = sparc_kit.create_model_and_transforms("runs/sparc_tiny")
+    tokenizer = sparc_kit.get_tokenizer("runs/sparc_tiny")  # texts -> token ids [N, context_length]
+
 A component of your own registers itself where it is defined (``@sparc_kit.registry.losses.register("my_loss")``);
 :func:`load_plugin` imports such a module by file or module name, as ``sparc --plugin`` does.
 """
@@ -18,6 +22,7 @@ from sparc_kit.losses import build_loss
 from sparc_kit.models import build_model
 from sparc_kit.plugins import PluginError, load_plugin
 from sparc_kit.pretrained import load_pretrained
+from sparc_kit.api import create_model_and_transforms, get_tokenizer, list_recipes
 
 __version__ = "0.1.0"
 
@@ -37,6 +42,9 @@ __all__ = [
     "build_loss",
     "build_dataset",
     "load_pretrained",
+    "create_model_and_transforms",
+    "get_tokenizer",
+    "list_recipes",
     "load_plugin",
     "PluginError",
     "__version__",

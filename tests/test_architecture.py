@@ -28,7 +28,7 @@ LAYERS = [
     ["sparc_kit.models", "sparc_kit.losses"],
     ["sparc_kit.engines", "sparc_kit.evaluate", "sparc_kit.plugins"],
     ["sparc_kit.config"],
-    ["sparc_kit.pretrained", "sparc_kit.train", "sparc_kit.export"],
+    ["sparc_kit.pretrained", "sparc_kit.train", "sparc_kit.export", "sparc_kit.api"],
     ["sparc_kit.ablate"],
     ["sparc_kit.runs"],  # sparc runs: a run folder's summary, ranked as a sweep report ranks
     ["sparc_kit"],  # the package's own __init__: the public facade
