@@ -44,6 +44,7 @@ __all__ = [
     "engines",
     "attention_backends",
     "evaluators",
+    "loggers",
     "kinds",
     "get_registry",
     "suggest",
@@ -264,10 +265,13 @@ datasets = Registry("dataset", "image-text training data")
 engines = Registry("engine", "how the training loop runs: device, precision, backward and optimizer step")
 attention_backends = Registry("attention", "scaled dot-product attention kernels")
 evaluators = Registry("evaluator", "evaluations run by sparc eval and during training (options: the eval: entries)")
+loggers = Registry("logger", "where a run's metrics go while it trains (train.loggers; jsonl is always on)")
 
 _REGISTRIES: dict[str, Registry] = {
     r.kind: r
-    for r in (vision_encoders, text_encoders, poolers, losses, datasets, engines, attention_backends, evaluators)
+    for r in (
+        vision_encoders, text_encoders, poolers, losses, datasets, engines, attention_backends, evaluators, loggers
+    )
 }
 
 

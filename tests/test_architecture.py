@@ -26,7 +26,7 @@ LAYERS = [
     ["sparc_kit.registry", "sparc_kit.io"],
     ["sparc_kit.data", "sparc_kit.checkpoint"],
     ["sparc_kit.models", "sparc_kit.losses"],
-    ["sparc_kit.engines", "sparc_kit.evaluate", "sparc_kit.plugins"],
+    ["sparc_kit.engines", "sparc_kit.evaluate", "sparc_kit.plugins", "sparc_kit.loggers"],
     ["sparc_kit.config"],
     ["sparc_kit.pretrained", "sparc_kit.train", "sparc_kit.export", "sparc_kit.api"],
     ["sparc_kit.ablate"],

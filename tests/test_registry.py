@@ -271,7 +271,9 @@ def test_version_bumps_on_each_registration(toys):
 
 
 def test_kinds_and_builtin_names():
-    assert reg.kinds() == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator"]
+    assert reg.kinds() == [
+        "vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator", "logger"
+    ]
     assert losses.names() == ["clip", "filip", "gloria", "mgca", "pacl", "siglip", "sparc"]
     assert reg.vision_encoders.names() == ["timm", "vit"]
     assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
@@ -279,6 +281,7 @@ def test_kinds_and_builtin_names():
     assert reg.engines.names() == ["ddp", "deepspeed", "local"]
     assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
     assert reg.evaluators.names() == ["retrieval", "segmentation", "zeroshot"]
+    assert reg.loggers.names() == ["jsonl", "tensorboard", "wandb"]
 
 
 @pytest.mark.parametrize(
@@ -305,7 +308,7 @@ def test_get_registry_unknown_kind():
         get_registry("nonsense")
     assert str(info.value) == (
         "unknown component kind 'nonsense'. Known: vision_encoder, text_encoder, pooler, loss, dataset, engine, "
-        "attention, evaluator"
+        "attention, evaluator, logger"
     )
     with pytest.raises(UnknownComponentError) as info:
         get_registry("los")

@@ -8,12 +8,14 @@ import copy
 from functools import lru_cache
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 # the component packages: importing them registers the built-in components the schema is built from
 import sparc_kit.data  # noqa: F401
 import sparc_kit.engines  # noqa: F401
 import sparc_kit.evaluate  # noqa: F401
+import sparc_kit.loggers  # noqa: F401
 import sparc_kit.losses  # noqa: F401
 import sparc_kit.models  # noqa: F401
 from sparc_kit import registry as reg
@@ -79,6 +81,20 @@ class OptimConfig(Strict):
     )
 
 
+class ProbeConfig(Strict):
+    """The fixed image and caption whose alignment heat maps the image-taking loggers (tensorboard, wandb) show at
+    the evaluation steps; unset, the first readable training sample and its caption (docs/monitoring.md)."""
+
+    image: str | None = Field(None, description="a local image file; null: the first readable training sample's")
+    text: str | None = Field(None, min_length=1, description="the caption; null: the training sample's")
+
+    @model_validator(mode="after")
+    def _text_with_image(self) -> "ProbeConfig":
+        if self.image is not None and self.text is None:
+            raise PydanticCustomError("probe_text", "train.probe.text is needed with train.probe.image: the caption to draw")
+        return self
+
+
 class TrainConfig(Strict):
     """Step-based training. ``batch_size`` is the global batch: the same number on 1 or N processes (each
     process takes ``batch_size / N``); ``accum_steps`` splits each process's part into that many micro-batches,
@@ -97,6 +113,30 @@ class TrainConfig(Strict):
     max_skip_fraction: float = Field(
         0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
     )
+    loggers: list[str] = Field(
+        default_factory=lambda: ["jsonl"],
+        description="where the metrics go (`sparc components logger`): jsonl (RUN/metrics.jsonl, always on), "
+        "tensorboard, wandb",
+    )
+    probe: Optional[ProbeConfig] = Field(None, description="the heat maps' image and caption; null: the first sample")
+
+    @field_validator("loggers", mode="before")
+    @classmethod
+    def _one_name(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value  # train.loggers=tensorboard: a list of one
+
+    @field_validator("loggers")
+    @classmethod
+    def _known_loggers(cls, names: list[str]) -> list[str]:
+        known = reg.loggers.names()
+        for name in names:
+            if name not in known:
+                hint = reg.suggest(name, known)
+                did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+                raise PydanticCustomError(
+                    "unknown_logger", f"unknown logger {name!r}.{did_you_mean} Known: {', '.join(known)}"
+                )
+        return list(dict.fromkeys(["jsonl", *names]))  # jsonl first and always; each once
 
 
 class InitFromConfig(Strict):

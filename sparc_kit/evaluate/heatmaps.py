@@ -33,7 +33,9 @@ from sparc_kit.errors import SparcError
 from sparc_kit.io import atomic_path, atomic_write
 from sparc_kit.losses.functional import sparc_alignment_weights, wide
 
-__all__ = ["HeatMaps", "HeatMapError", "alignment_maps", "write_heatmaps", "read_image", "SHEET", "SUMMARY"]
+__all__ = [
+    "HeatMaps", "HeatMapError", "alignment_maps", "overlays", "write_heatmaps", "read_image", "SHEET", "SUMMARY"
+]
 
 SHEET = "sheet.png"  # the contact sheet: rows tokens, columns image / weights / similarity
 SUMMARY = "heatmaps.json"
@@ -181,6 +183,28 @@ def _overlay(rgb: np.ndarray, heat: np.ndarray, cmap: Any, alpha: float = 0.6) -
     return np.round(255.0 * ((1.0 - alpha) * grey + alpha * colours)).astype(np.uint8)
 
 
+def overlays(maps: HeatMaps, size: int | None = None) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+    """The pictures :func:`write_heatmaps` draws, in memory: the image (the model's view) at ``size`` x ``size``
+    pixels as float RGB [S, S, 3] in [0, 1], and per real token ``{"weights": ..., "similarity": ...}``, each an
+    overlay uint8 [S, S, 3] (the colour scales are described there). ``size``: by default the smallest whole
+    multiple of the image size that is at least 224."""
+    from matplotlib import colormaps  # imported here: importing sparc_kit.evaluate must stay cheap
+
+    s = size or _display_size(int(maps.image.shape[-1]))
+    view = torch.nn.functional.interpolate(maps.image[None].double(), size=(s, s), mode="bicubic", align_corners=False)
+    rgb = view[0].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
+    cmap = colormaps["inferno"]
+    panels = []
+    for i in range(len(maps.pieces)):
+        weights = _upsample(maps.weights[i], s)
+        similarity = _upsample(maps.similarity[i], s)
+        panels.append({
+            "weights": _overlay(rgb, _scaled(weights, 0.0, float(weights.max())), cmap),
+            "similarity": _overlay(rgb, _scaled(similarity, float(similarity.min()), float(similarity.max())), cmap),
+        })
+    return rgb, panels
+
+
 def write_heatmaps(maps: HeatMaps, out_dir: str | os.PathLike, size: int | None = None) -> list[str]:
     """Draw ``maps`` into ``out_dir``; returns the paths written, ``heatmaps.json`` last.
 
@@ -195,24 +219,14 @@ def write_heatmaps(maps: HeatMaps, out_dir: str | os.PathLike, size: int | None 
     # matplotlib is imported here, not at the top: importing sparc_kit.evaluate (every evaluator module is
     # imported with it) must stay cheap, and only drawing needs it. Figure + savefig use the Agg canvas, headless,
     # without touching pyplot's global backend.
-    from matplotlib import colormaps
     from matplotlib.figure import Figure
     from PIL import Image
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    s = size or _display_size(int(maps.image.shape[-1]))
-    view = torch.nn.functional.interpolate(maps.image[None].double(), size=(s, s), mode="bicubic", align_corners=False)
-    rgb = view[0].clamp(0.0, 1.0).permute(1, 2, 0).numpy()
-    cmap = colormaps["inferno"]
-    paths, files, panels = [], [], []
-    for i in range(len(maps.pieces)):
-        weights = _upsample(maps.weights[i], s)
-        similarity = _upsample(maps.similarity[i], s)
-        drawn = {
-            "weights": _overlay(rgb, _scaled(weights, 0.0, float(weights.max())), cmap),
-            "similarity": _overlay(rgb, _scaled(similarity, float(similarity.min()), float(similarity.max())), cmap),
-        }
+    rgb, panels = overlays(maps, size)
+    paths, files = [], []
+    for i, drawn in enumerate(panels):
         names = {}
         for kind, pixels in drawn.items():
             path = os.path.join(out_dir, f"token_{i:02d}_{kind}.png")
@@ -221,7 +235,6 @@ def write_heatmaps(maps: HeatMaps, out_dir: str | os.PathLike, size: int | None 
             paths.append(path)
             names[kind] = os.path.basename(path)
         files.append(names)
-        panels.append(drawn)
 
     rows = max(1, len(panels))
     height = 2.5 * rows + 0.5  # inches; the top 0.5 hold the caption

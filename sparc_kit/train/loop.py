@@ -35,6 +35,7 @@ from sparc_kit.errors import RecipeError, RunError, require_recipe
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
 from sparc_kit.evaluate.runner import evaluations_due
 from sparc_kit.io import atomic_write
+from sparc_kit.loggers import build_loggers, check_loggers, heatmaps_due, read_probe, wants_images
 from sparc_kit.losses import build_loss
 from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
@@ -45,7 +46,6 @@ from sparc_kit.train.progress import Reporter
 from sparc_kit.train.run_folder import (
     ResumeMismatchError,
     RunFolderBusyError,
-    append_row,
     check_engine_resume,
     check_resume,
     checkpoint_step,
@@ -179,6 +179,7 @@ def train(
     """
     require_recipe(recipe, "train")
     engine = build_engine(recipe)  # fails before the run folder is touched (e.g. DeepSpeed not installed)
+    check_loggers(recipe)  # a logger whose package is missing, too
     try:
         engine.start()
         layout = BatchLayout(recipe.train.batch_size, engine.world_size, recipe.train.accum_steps)
@@ -198,11 +199,12 @@ def train(
         engine.close()
 
 
-def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None, engine: Engine) -> None:
+def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None, engine: Engine) -> Any:
     """Rank 0's part of starting a run: every check first (so a refused run changes nothing in the folder),
-    then the tokenizer and ``recipe.yaml``."""
+    then the tokenizer and ``recipe.yaml``. Returns the heat maps' probe when a logger draws them, else None."""
     if recipe.eval:
         check_eval_data(recipe.eval)
+    probe = read_probe(recipe, dataset) if wants_images(recipe) else None
     saved = read_checkpoint_state(ckpt_path) if ckpt_path else None
     if saved is not None:
         check_resume(out_dir, recipe)
@@ -220,6 +222,7 @@ def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str 
         truncate_metrics(out_dir, int(saved["step"]))
     elif os.path.exists(os.path.join(out_dir, METRICS)):
         truncate_metrics(out_dir, 0)
+    return probe
 
 
 def _next_batch(
@@ -264,7 +267,7 @@ def _train(
 
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
     dataset = build_dataset(recipe)
-    on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
+    probe = on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
     tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
 
     model = build_model(recipe)
@@ -318,9 +321,11 @@ def _train(
 
     eval_model: list[torch.nn.Module] = []  # the fp32 copy evaluated when the engine shards or casts weights
 
-    def evaluate(step: int) -> dict[str, Any]:
+    def evaluate(step: int) -> dict[str, Any]:  # the recipe's evaluations, and the probe's heat maps
         final = step == total
-        if not evaluations_due(recipe.eval, step, final):
+        evals_due = bool(recipe.eval) and evaluations_due(recipe.eval, step, final)
+        maps_due = wants_images(recipe) and heatmaps_due(recipe, step)
+        if not (evals_due or maps_due):
             return {}
         if engine.module_holds_full_weights:
             target = engine.unwrap().model
@@ -336,12 +341,14 @@ def _train(
         def run() -> dict[str, Any]:
             # no collective inside, and no draw from the training RNG (a resumed run must draw the same)
             with local_only(), torch.random.fork_rng(devices=[]):
-                return evaluate_during_training(target, tokenizer, recipe.eval, step, final=final)
+                if maps_due:
+                    run_log.log_images(step, probe.images(target, tokenizer))
+                return evaluate_during_training(target, tokenizer, recipe.eval, step, final=final) if evals_due else {}
 
         return on_main(engine, run) or {}
 
     reporter = Reporter(total, start_step, progress and engine.is_main)
-    metrics_file = open(os.path.join(out_dir, METRICS), "a") if engine.is_main else None
+    run_log = build_loggers(recipe, out_dir, start_step) if engine.is_main else None  # metrics.jsonl and the rest
     window: dict[str, float] = {}
     window_counts: dict[str, int] = {}
     window_n, window_t0 = 0, time.perf_counter()
@@ -390,13 +397,12 @@ def _train(
                 window_n += 1
                 step = state.step
                 t_eval = time.perf_counter()
-                evals = evaluate(step) if recipe.eval else {}
-                if evals:
-                    window_t0 += time.perf_counter() - t_eval  # evaluation time does not count against samples/s
+                evals = evaluate(step)
+                window_t0 += time.perf_counter() - t_eval  # evaluation time does not count against samples/s
                 row = None
                 if step % cfg_train.log_every == 0 or step == total or evals:
                     now = time.perf_counter()
-                    row = {"step": step, **{k: v / window_counts[k] for k, v in window.items()}, **evals}
+                    row = {**{k: v / window_counts[k] for k, v in window.items()}, **evals}
                     row.update(
                         lr=lr,
                         samples_per_s=window_n * global_batch / max(now - window_t0, 1e-9),
@@ -405,8 +411,8 @@ def _train(
                         truncated_captions=state.counts["truncated"],
                         elapsed_s=round(state.trained_s + now - t_loop, 3),
                     )
-                    if metrics_file is not None:
-                        append_row(metrics_file, row)
+                    if run_log is not None:
+                        run_log.log(step, row)
                     window, window_counts, window_n, window_t0 = {}, {}, 0, now
                 elapsed = time.perf_counter() - t_loop
                 eta = elapsed / max(step - start_step, 1) * (total - step)
@@ -429,8 +435,8 @@ def _train(
         raise TrainingInterrupted(committed.step, out_dir, saved=committed.step > 0) from None
     finally:
         reporter.close()
-        if metrics_file is not None:
-            metrics_file.close()
+        if run_log is not None:
+            run_log.close()
     rows = read_metrics(out_dir) if engine.is_main else []
     return TrainResult(
         out_dir=out_dir,

@@ -20,16 +20,15 @@ import yaml
 from sparc_kit.checkpoint import (
     METRICS,
     RECIPE,
-    WRITE_DELAY_ENV,
     ResumeWarning,
     latest_checkpoint,
     resume_checkpoint,
-    write_pause,
 )
 from sparc_kit.config import canonical_values
 from sparc_kit.engines.base import Engine, EngineSetupError
 from sparc_kit.errors import RunError
 from sparc_kit.io import atomic_open
+from sparc_kit.loggers.jsonl import append_row  # re-exported: the row writer lives with the jsonl logger
 
 __all__ = [
     "RunFolderBusyError",
@@ -94,18 +93,6 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
                 except json.JSONDecodeError:
                     continue  # a line cut short by a crash
     return rows
-
-
-def append_row(f, row: dict[str, Any]) -> None:
-    """One metrics row, flushed (a crash can cut the line short: the next start drops a cut line)."""
-    line = json.dumps(row) + "\n"
-    if os.environ.get(WRITE_DELAY_ENV):  # fault tests: hold the row half-written for a while
-        f.write(line[: len(line) // 2])
-        f.flush()
-        write_pause()
-        line = line[len(line) // 2 :]
-    f.write(line)
-    f.flush()
 
 
 def truncate_metrics(run_dir: str, last_step: int) -> None:
