@@ -44,6 +44,7 @@ from sparc_kit.models import build_model
 
 __all__ = [
     "load_pretrained",
+    "find_weights",
     "Pretrained",
     "PretrainedError",
     "EvalTransform",
@@ -96,6 +97,12 @@ def _resolve(target: str) -> tuple[str, str]:
     raise PretrainedError(
         f"{target}: not a run folder (no recipe.yaml) nor a checkpoint folder (no model.safetensors)"
     )
+
+
+def find_weights(run_or_checkpoint: str | os.PathLike) -> str:
+    """The weights file :func:`load_pretrained` would load from a run folder, checkpoint folder or .safetensors
+    file (``model.init_from`` with format ``sparc`` reads it)."""
+    return _resolve(str(run_or_checkpoint))[0]
 
 
 def _recipe_home(folder: str, target: str) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from sparc_kit.losses.diagnostics import diagnostics
 from sparc_kit.losses.distributed import local_only
 from sparc_kit.models import build_model
 from sparc_kit.registry import engines
+from sparc_kit.train.init_from import apply_init_weights, read_init_weights
 from sparc_kit.train.module import TrainModule
 from sparc_kit.train.progress import Reporter
 from sparc_kit.train.run_folder import (
@@ -117,6 +119,14 @@ def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None
             stacklevel=2,
         )
     return tokenizer
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _silent(line: str) -> None:
+    pass
 
 
 def _length(dataset: Any) -> int | None:
@@ -266,11 +276,16 @@ def _train(
     ckpt_path = on_main(engine, lambda: resume_point(ckpt_root))  # every process gets rank 0's answer
 
     torch.manual_seed(cfg_train.seed)  # the same initial weights on every process
+    # model.init_from: read before the run folder is written; a resumed run loads its own checkpoint instead
+    initial = None if ckpt_path else read_init_weights(recipe)
     dataset = build_dataset(recipe)
     probe = on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
     tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
 
     model = build_model(recipe)
+    if initial is not None:  # on every process, before the engine wraps (DDP) or shards (DeepSpeed) the model
+        apply_init_weights(model, recipe, initial, echo=_stderr if engine.is_main else _silent)
+        del initial
     module = TrainModule(model, build_loss(recipe))  # some losses own parameters (SigLIP's bias, MGCA's attention)
     optimizer = OptimizerSpec.from_recipe(cfg_optim, module)
     engine.setup(module, optimizer, layout, cfg_optim.grad_clip)
