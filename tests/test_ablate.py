@@ -425,6 +425,15 @@ def test_report_files_are_written(done_sweep):
     assert width >= 800 and height >= 600
     assert len(data) > 20_000
 
+    import numpy as np
+    from PIL import Image
+
+    assert report.files["curves"] == os.path.join(sweep.out_dir, "curves.png")  # every run's loss, as sparc plot
+    curves = np.asarray(Image.open(report.files["curves"]).convert("RGB")).astype(int)
+    for colour in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C), (0xD6, 0x27, 0x28)):  # 4 runs
+        assert (np.abs(curves - np.array(colour)).max(axis=-1) <= 12).sum() > 100, colour
+    assert "![each run's loss against the step](curves.png)" in md
+
 
 def test_interrupted_sweep_continues_where_it_stopped(tmp_path):
     out = str(tmp_path / "sw")

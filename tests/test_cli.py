@@ -62,7 +62,7 @@ def test_unknown_key_line(cli, in_tmp):
         cli("train", "bad.yaml"),
         [
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, loggers, probe."
         ],
     )
     assert not (in_tmp / "runs").exists()
@@ -118,7 +118,7 @@ def test_several_problems_each_on_its_own_line(cli, in_tmp):
             "integer",
             "error: bad.yaml: train.batch_size: got 0; input should be greater than 0",
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction.",
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, loggers, probe.",
         ],
     )
 
@@ -295,7 +295,9 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
     headers = [line.split(":")[0] for line in lines if line and not line.startswith(" ")]
-    assert headers == ["vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator"]
+    assert headers == [
+        "vision_encoder", "text_encoder", "pooler", "loss", "dataset", "engine", "attention", "evaluator", "logger"
+    ]
     assert "loss: training objectives: global, fine-grained and combined" in lines
     component_names = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("    ")]
     assert component_names == [
@@ -357,7 +359,7 @@ def test_components_shows_a_newly_registered_component_and_marks_required_parame
 
 
 def test_components_unknown_kind(cli):
-    known = "vision_encoder, text_encoder, pooler, loss, dataset, engine, attention, evaluator"
+    known = "vision_encoder, text_encoder, pooler, loss, dataset, engine, attention, evaluator, logger"
     assert_bad_input(cli("components", "nonsense"), [f"error: unknown component kind 'nonsense'. Known: {known}"])
     assert_bad_input(
         cli("components", "los"), [f"error: unknown component kind 'los'. Did you mean 'loss'? Known: {known}"]

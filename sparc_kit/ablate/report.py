@@ -1,7 +1,8 @@
 """The results of a sweep: the finished runs' metrics, a summary per grid point, the best point, the files.
 
 :func:`write_report` writes ``results.md``, ``results.csv`` (one row per grid point, mean and std over seeds),
-``runs.csv`` (one row per finished run) and ``results.png`` (:func:`plot_results`) into the sweep folder. The best
+``runs.csv`` (one row per finished run), ``results.png`` (:func:`plot_results`) and ``curves.png`` (every run's loss
+against the step, :func:`sparc_kit.train.curves.plot_curves`, as ``sparc plot`` draws it) into the sweep folder. The best
 point is named by a metric that means the same at every point (:func:`default_metric`), in the direction
 :func:`default_mode` gives it, unless the caller names one.
 """
@@ -22,6 +23,7 @@ from sparc_kit.checkpoint import EVAL
 from sparc_kit.evaluate.spec import metric_direction, spec_names
 from sparc_kit.io import atomic_open, atomic_write
 from sparc_kit.train import read_metrics
+from sparc_kit.train.curves import plot_curves
 
 __all__ = [
     "Report",
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 # metrics.jsonl keys that describe the run's bookkeeping rather than the model: not reported as metrics
+CURVES = "curves.png"  # in the sweep folder: every run's loss against the step (sparc_kit.train.curves)
 _BOOKKEEPING = {
     "step",
     "lr",
@@ -289,7 +292,7 @@ def write_report(
     failed: dict[str, str] | None = None,
 ) -> Report:
     """Write ``results.md``, ``results.csv`` (one row per grid point, ``M_mean``/``M_std`` per metric),
-    ``runs.csv`` (one row per finished run) and ``results.png`` into the sweep folder; name the best point by
+    ``runs.csv`` (one row per finished run), ``results.png`` and ``curves.png`` into the sweep folder; name the best point by
     ``metric`` (default :func:`default_metric`: one comparable across the points) and ``mode`` (default
     :func:`default_mode`)."""
     runs = collect_runs(sweep)
@@ -391,6 +394,13 @@ def write_report(
         if plot_results(sweep, names, rows, png, best=best, metric=chosen):
             files["plot"] = png
             lines += ["", "![metrics against each varied parameter](results.png)"]
+        logged = [p for p in sweep.points if read_metrics(p.run_dir)]
+        if logged:  # the runs' loss curves, drawn as `sparc plot` draws them
+            files["curves"] = plot_curves(
+                [p.run_dir for p in logged], os.path.join(sweep.out_dir, CURVES),
+                labels=[f"{p.name} seed={p.seed}" if len(sweep.seeds) > 1 else p.name for p in logged],
+            )
+            lines += ["", f"![each run's loss against the step]({CURVES})"]
     markdown = "\n".join(lines) + "\n"
     atomic_write(files["markdown"], markdown)
     return Report(markdown, names, rows, chosen, mode, best, files, problems, why)
