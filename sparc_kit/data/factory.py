@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from sparc_kit.data.loader import Collate, Loader, ResumableBatchSampler, make_loader
 from sparc_kit.data.manifest import ManifestDataset
-from sparc_kit.data.sources import expand_urls
+from sparc_kit.data.sources import SHARD_SUFFIXES, expand_urls
 from sparc_kit.data.webdataset import WebDataset
 from sparc_kit.registry import datasets
 
@@ -26,13 +26,10 @@ def build_dataset(recipe: Any):
     return entry.build(params)
 
 
-_SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
-
-
 def is_shard_pattern(path: str) -> bool:
     """Whether ``path`` names webdataset shards (``.tar`` files, brace patterns) rather than a manifest."""
     first = expand_urls(path)[:1]
-    return bool(first) and first[0].lower().endswith(_SHARD_SUFFIXES)
+    return bool(first) and first[0].lower().endswith(SHARD_SUFFIXES)
 
 
 def open_dataset(path: str, image_size: int | None = None, **params: Any):

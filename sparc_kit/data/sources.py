@@ -5,7 +5,8 @@ Training (:mod:`sparc_kit.data.manifest`, :mod:`sparc_kit.data.webdataset`) and 
 inside a manifest and a tar member mean the same to both:
 
 - shard names: :func:`expand_urls` (``::`` between patterns, fsspec ``::`` chains kept whole) over
-  :func:`expand_braces` (``{000..127}`` and ``{a,b}``, zero padding as bash pads it);
+  :func:`expand_braces` (``{000..127}`` and ``{a,b}``, zero padding as bash pads it) and :func:`local_shards` (a
+  local folder or glob as the tar files in it);
 - manifests: :func:`manifest_format` and :func:`read_manifest_rows` (JSONL, a JSON array in a ``.json``, CSV,
   TSV; ``.gz``/``.bz2``/``.xz``/``.zst`` decompressed), :func:`row_captions` for the caption cells;
 - paths inside a manifest: :func:`folder_of` and :func:`join_path`, which work on the part of a chained URL
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import glob
 import inspect
 import io
 import json
@@ -44,6 +46,8 @@ __all__ = [
     "SHARD_ERROR",
     "expand_braces",
     "expand_urls",
+    "local_shards",
+    "SHARD_SUFFIXES",
     "split_patterns",
     "is_url",
     "folder_of",
@@ -60,6 +64,7 @@ __all__ = [
 ]
 
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")  # the names of tar shards
 MANIFEST_SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "csv"}
 SHARD_ERROR = "__error__"  # the key of the pseudo-sample iter_tar yields for a read error
 
@@ -142,10 +147,27 @@ def split_patterns(text: str) -> list[str]:
 
 
 def expand_urls(urls: str | list[str] | tuple[str, ...]) -> list[str]:
-    """Every shard name of a pattern (:func:`split_patterns`, then :func:`expand_braces`), or of a list of them."""
+    """Every shard name of a pattern (:func:`split_patterns`, then :func:`expand_braces`, then
+    :func:`local_shards`), or of a list of them."""
     if isinstance(urls, (list, tuple)):
         return [u for item in urls for u in expand_urls(item)]
-    return [u for pattern in split_patterns(str(urls)) for u in expand_braces(pattern)]
+    return [u for pattern in split_patterns(str(urls)) for name in expand_braces(pattern) for u in local_shards(name)]
+
+
+def local_shards(name: str) -> list[str]:
+    """A local folder as the tar shards in it, a local glob (``*``, ``?``) as the tar shards it matches, each
+    sorted by name; anything else (a file, a URL) as it is. Only files named as shards are taken (``.tar``,
+    ``.tar.gz``, ...), so the files other tools write beside their shards (img2dataset's ``00000.parquet`` and
+    ``00000_stats.json``) are not read as shards."""
+    if is_url(name):
+        return [name]
+    if os.path.isdir(name):
+        found = [os.path.join(name, f) for f in os.listdir(name)]
+    elif "*" in name or "?" in name:
+        found = glob.glob(name)
+    else:
+        return [name]
+    return sorted(f for f in found if f.lower().endswith(SHARD_SUFFIXES) and os.path.isfile(f))
 
 
 # ------------------------------------------------------------------------------------- paths inside manifests

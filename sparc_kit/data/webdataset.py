@@ -138,7 +138,7 @@ class WebDataset(StoredImages, IterableDataset):
         self.caption_templates = tuple(caption_templates)
         self.urls = expand_urls(urls)
         if not self.urls:
-            raise ShardError(f"no shards in {urls!r}")
+            raise ShardError(f"no shards in {urls!r} (a folder or a glob is read as the .tar files it holds)")
         for url in {u.split("://", 1)[0]: u for u in self.urls if is_url(u)}.values():  # one per scheme
             check_url(url, "data.urls")
         missing = [u for u in self.urls if not is_url(u) and not os.path.isfile(u)]
@@ -323,7 +323,8 @@ class WebDataset(StoredImages, IterableDataset):
             return None, None, "shard unreadable: " + files.get("error", b"").decode(errors="replace")
         image = next((files[e] for e in self.image_exts if e in files), None)
         if image is None:
-            return None, None, f"no image ({'/'.join('.' + e for e in self.image_exts)}); has {_exts(files)}"
+            missing = f"no image ({'/'.join('.' + e for e in self.image_exts)}); has {_exts(files)}"
+            return None, None, missing + _download_status(files.get("json"))
         ext = next((e for e in self.text_exts if e in files), None)
         if ext is None:
             return image, None, f"no caption ({'/'.join('.' + e for e in self.text_exts)}); has {_exts(files)}"
@@ -429,6 +430,19 @@ def _json_caption(obj: Any, seed: int, epoch: int, key: str) -> Any:
             order = _permute(list(range(len(valid))), random.Random(stable_seed("captions", seed, key, cycle)))
             return valid[order[slot]]
     return obj.get("caption")
+
+
+def _download_status(meta: bytes | None) -> str:
+    """What a downloader's ``KEY.json`` says about a sample it could not fetch (img2dataset's ``status`` and
+    ``error_message``), as a suffix of the skip reason; empty when it says nothing."""
+    try:
+        obj = json.loads(meta) if meta else None
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    if not isinstance(obj, dict) or obj.get("status") in (None, "success"):
+        return ""
+    error = obj.get("error_message")
+    return f" (status {obj['status']}{': ' + str(error).splitlines()[0] if error else ''})"
 
 
 def _exts(files: dict[str, bytes]) -> str:
