@@ -54,12 +54,14 @@ class RunSummary:
     best_step: int | None
     best_mode: str | None  # "max" or "min"
     status: str  # "running", "finished" or "interrupted"
-    pid: int | None  # the training process, while running
+    pid: int | None  # the training process, while running (-1: not known yet)
     size_bytes: int
 
     @property
     def status_text(self) -> str:
-        return f"running (pid {self.pid})" if self.status == "running" else self.status
+        if self.status != "running":
+            return self.status
+        return f"running (pid {self.pid})" if self.pid and self.pid > 0 else "running (pid ?)"
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "status_text": self.status_text}
@@ -179,7 +181,8 @@ def _size(run_dir: str) -> int:
 
 
 def lock_holder(run_dir: str) -> int | None:
-    """The pid of the process training into ``run_dir`` (it holds ``.lock``), else None.
+    """The pid of the process training into ``run_dir`` (it holds ``.lock``; -1 while it has not yet written its
+    pid there), else None.
 
     Read without taking the lock (a trainer starting at that moment would be refused): on Linux the kernel's
     table of held locks (``/proc/locks``) says whether one is held on the file; elsewhere the pid the trainer
