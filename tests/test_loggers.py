@@ -212,3 +212,30 @@ one; sparc_tiny's captions leave the end token out)."""
     assert sorted(acc.Tags()["images"]) == ["heatmaps/similarity/00_red", "heatmaps/weights/00_red"]
     shown = np.asarray(Image.open(io.BytesIO(acc.Images("heatmaps/weights/00_red")[-1].encoded_image_string)))
     assert shown.shape[:2] == (224, 224)
+
+
+def test_the_loggers_change_nothing_the_run_trains(tmp_path):
+    """Heat maps drawn at the checkpoint steps (eval mode, no gradient, the training RNG untouched) leave the
+    weights and the logged losses of a run exactly those of a run with metrics.jsonl alone."""
+    from test_train import assert_same_weights, weights
+
+    plain, logged = str(tmp_path / "plain"), str(tmp_path / "logged")
+    train(micro_recipe("train.steps=8"), plain, progress=False)
+    train(micro_recipe("train.steps=8", "train.loggers=[tensorboard]"), logged, progress=False)
+    assert [e.step for e in read_events(logged).Images(read_events(logged).Tags()["images"][0])] == [4, 8]
+    assert_same_weights(weights(plain), weights(logged))
+    assert [r["loss"] for r in read_metrics(plain)] == [r["loss"] for r in read_metrics(logged)]
+
+
+@pytest.mark.slow
+def test_only_rank_zero_writes_the_event_file_of_a_two_process_run(tmp_path):
+    from test_distributed import CLI_MICRO, sparc
+
+    out = tmp_path / "run"
+    result = sparc("train", "sparc_tiny", *CLI_MICRO, "--set", "train.steps=4", "--set", "engine.name=ddp",
+                   "--set", "train.loggers=[tensorboard]", "--nproc", "2", "--quiet", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(os.listdir(out / "tensorboard")) == 1
+    assert_events_match_metrics(str(out))
+    acc = read_events(str(out))
+    assert [e.step for e in acc.Images(acc.Tags()["images"][0])] == [4]

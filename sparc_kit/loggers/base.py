@@ -78,7 +78,10 @@ def logger_names(recipe: Any) -> list[str]:
 def check_loggers(recipe: Any) -> None:
     """Refuse a recipe whose loggers cannot run here (``wandb`` listed but not installed), naming
     ``train.loggers``, before anything is written."""
-    problems = [line for name in logger_names(recipe) if (line := loggers.get(name).builder.problem(name))]
+    problems = [
+        line for name in logger_names(recipe)
+        if (problem := getattr(loggers.get(name).builder, "problem", None)) and (line := problem(name))
+    ]
     if problems:
         raise RecipeError(problems)
 
