@@ -239,3 +239,21 @@ def test_only_rank_zero_writes_the_event_file_of_a_two_process_run(tmp_path):
     assert_events_match_metrics(str(out))
     acc = read_events(str(out))
     assert [e.step for e in acc.Images(acc.Tags()["images"][0])] == [4]
+
+
+def test_a_streaming_dataset_gives_its_first_sample_as_the_probe(tmp_path, datagen):
+    """webdataset (an IterableDataset): the probe is the stream's first readable sample, read once in-process
+    before training; the run then trains and logs as usual."""
+    from sparc_kit.loggers import read_probe
+
+    pattern, _ = datagen.shards(tmp_path / "s", n_shards=2, per_shard=6, size=32)
+    recipe = micro_recipe("data.name=webdataset", f"data.urls={pattern}", "data.shuffle_buffer=0",
+                          "train.steps=2", "train.loggers=[tensorboard]", "tokenizer.vocab_size=64")
+    dataset = sparc_kit.build_dataset(recipe)
+    probe = read_probe(recipe, dataset)
+    first = next(iter(dataset))
+    assert probe.text == first["caption"] and bool((probe.image == first["image"]).all())
+    out = str(tmp_path / "run")
+    train(recipe, out, progress=False)
+    assert_events_match_metrics(out)
+    assert read_events(out).Tags()["images"]
