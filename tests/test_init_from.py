@@ -18,26 +18,12 @@ from typer.testing import CliRunner
 
 import sparc_kit
 from sparc_kit.errors import RecipeError
-from sparc_kit.train import train
+from sparc_kit.train import build_tokenizer, train
 from sparc_kit.train.init_from import load_init_weights
+from test_train import MICRO  # the micro sparc_tiny every training test uses
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
-
-# open_clip's ViT-B-16 in sparc-kit's terms (recipes/sparc_b16_from_openclip.yaml says the same)
-B16 = [
-    "model.embed_dim=512",
-    "model.vision={name: vit, image_size: 224, patch_size: 16, width: 768, depth: 12, heads: 12, class_token: true,"
-    " pre_norm: true, patch_bias: false}",
-    "model.text={name: transformer, width: 512, depth: 12, heads: 8, causal: true}",
-    "model.image_pooler={name: cls}",
-    "model.text_pooler={name: last}",
-    "model.image_global_head=none",
-    "model.text_end_token=include",
-    "tokenizer.vocab_size=49408",
-    "tokenizer.context_length=77",
-]
-
 
 def clip_tokens(lengths: list[int], context: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP-style ids: start token, words, end-of-text (the largest id: open_clip pools at the argmax), padding 0."""
@@ -69,13 +55,15 @@ def test_open_clip_vit_b16_gives_open_clips_embeddings(tmp_path):
     reference = open_clip.create_model("ViT-B-16", pretrained=None).eval()
     file = tmp_path / "ViT-B-16.pt"
     torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in reference.state_dict().items()}}, file)
-    recipe = sparc_kit.load_recipe("sparc_b16", [*B16, f"model.init_from={{format: open_clip, path: {file}}}"])
+    recipe = sparc_kit.load_recipe("sparc_b16_from_openclip", [f"model.init_from.path={file}"])
     model, fitted, lines = load(recipe)
     assert fitted.unmapped == [] and fitted.unset == [] and fitted.kept == []
     assert lines == [f"init_from: loaded {len(model.state_dict())} tensors from {file} (open_clip, strict=true)"]
 
     images = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    ids, mask = clip_tokens([9, 5], 77, 49408)
+    captions = ["a photo of a dog!", "two cats on a sofa, one asleep and one looking at the camera"]
+    ids, mask = build_tokenizer(recipe)(captions)  # tokenizer.kind open_clip: CLIP's BPE
+    assert torch.equal(ids, open_clip.get_tokenizer("ViT-B-16")(captions))
     with torch.no_grad():
         image_diff = max_diff(model.encode_image(images), reference.encode_image(images, normalize=True))
         text_diff = max_diff(model.encode_text(ids, mask), reference.encode_text(ids, normalize=True))
@@ -84,13 +72,13 @@ def test_open_clip_vit_b16_gives_open_clips_embeddings(tmp_path):
     assert scale_diff < 1e-4
 
 
-def tiny_open_clip(quick_gelu: bool = False, seed: int = 0):
+def tiny_open_clip(quick_gelu: bool = False, seed: int = 0, vocab: int = 256):
     """A tiny open_clip CLIP (32 px, patch 8, two blocks per tower, 256-word vocabulary), random weights."""
     torch.manual_seed(seed)
     return open_clip.model.CLIP(
         embed_dim=32,
         vision_cfg={"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
-        text_cfg={"context_length": 16, "vocab_size": 256, "width": 64, "heads": 2, "layers": 2},
+        text_cfg={"context_length": 16, "vocab_size": vocab, "width": 64, "heads": 2, "layers": 2},
         quick_gelu=quick_gelu,
     ).eval()
 
@@ -190,9 +178,10 @@ def test_fine_tuning_from_a_tiny_open_clip_file_lowers_the_loss_and_resumes_with
     losses = [row["loss"] for row in result.metrics]
     assert len(losses) == 5 and losses[-1] < 0.8 * losses[0], losses
 
-    # a resumed run loads its own checkpoint: the file is not read again
-    file.unlink()
-    longer = tiny_recipe(file, "train.steps=52", "train.log_every=10", "train.checkpoint_every=25")
+    # a resumed run loads its own checkpoint: the file is not read again, and may have moved
+    file.rename(tmp_path / "moved.pt")
+    (tmp_path / "moved.pt").write_bytes(b"not weights")  # it would be refused, were it read
+    longer = tiny_recipe(tmp_path / "moved.pt", "train.steps=52", "train.log_every=10", "train.checkpoint_every=25")
     assert train(longer, out, progress=False).resumed_from == 50
 
 
@@ -210,6 +199,25 @@ def test_the_first_step_starts_from_the_files_weights(tmp_path):
     loaded = sparc_kit.load_pretrained(str(tmp_path / "run")).model
     assert max_diff(loaded.vision.cls_token.flatten(), reference.visual.class_embedding) < 1e-6
     assert max_diff(loaded.text_adapter.weight, reference.text_projection.T) < 1e-6
+
+
+def test_clips_tokenizer_trains_and_comes_back_with_the_run(tmp_path):
+    """tokenizer.kind open_clip: CLIP's BPE ids (open_clip's own tokenizer at the recipe's 16 positions), the
+    run folder's tokenizer.model reads back as it, and the text tower pools at CLIP's end-of-text token."""
+    reference = tiny_open_clip(vocab=49408)
+    file = tmp_path / "tiny.pt"
+    torch.save(reference.state_dict(), file)
+    clip = ["tokenizer.kind=open_clip", "tokenizer.vocab_size=49408", "train.steps=2", "optim.lr=1e-12"]
+    recipe = tiny_recipe(file, *clip)
+    train(recipe, str(tmp_path / "run"), progress=False)
+    model, tokenizer, _ = sparc_kit.load_pretrained(str(tmp_path / "run"))
+    captions = ["a red circle above a blue square", "! " * 30]
+    ids, mask = tokenizer(captions)
+    assert torch.equal(ids, open_clip.get_tokenizer("ViT-B-16")(captions, context_length=16))
+    assert mask.sum(1).tolist() == [9, 16]  # up to the end token (the second caption is cut at 16)
+    with torch.no_grad():  # the learning rate was negligible: still the file's model
+        diff = max_diff(model.encode_text(ids, mask), reference.encode_text(ids, normalize=True))
+    assert diff < 1e-4
 
 
 def test_a_sparc_run_is_a_starting_point(tmp_path):
@@ -297,3 +305,18 @@ def test_bad_init_from_is_one_line_and_exit_2(tmp_path, tiny_file, case, overrid
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and lines[0].startswith(expected.format(**files)), result.output
     assert "Traceback" not in result.output
+
+
+def test_a_run_folder_written_before_the_new_model_options_resumes(tmp_path, tiny_file):
+    """A recipe.yaml without the fields added since (pre_norm, act, norm_eps, init_from...) reads with their
+    defaults, so the resume is not refused as another model; and the weights file may have moved."""
+    import yaml
+
+    out = tmp_path / "run"
+    train(sparc_kit.load_recipe("sparc_tiny", [*MICRO, "train.steps=2"]), str(out), progress=False)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    for field in ("pre_norm", "patch_bias", "act", "norm_eps"):
+        del saved["model"]["vision"][field]
+    del saved["model"]["init_from"]
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    assert train(sparc_kit.load_recipe("sparc_tiny", [*MICRO, "train.steps=3"]), str(out), progress=False).steps == 3

@@ -53,6 +53,11 @@ class Strict(BaseModel):
 class TokenizerConfig(Strict):
     """SentencePiece tokenizer: loaded from ``path``, or trained on the training captions when ``path`` is null."""
 
+    kind: Literal["sentencepiece", "open_clip"] = Field(
+        "sentencepiece",
+        description="sentencepiece (from path, or trained on the captions) or open_clip: CLIP's BPE, the ids of "
+        "open_clip's CLIP weights (the open_clip_torch package's bundled vocabulary, nothing downloaded)",
+    )
     path: str | None = None
     vocab_size: int = Field(32000, gt=3)
     context_length: int = Field(55, gt=1)
@@ -60,6 +65,15 @@ class TokenizerConfig(Strict):
     lowercase: bool = True
     add_eos: bool = True
     train_captions: int = Field(100_000, gt=0, description="how many training captions to train it on")
+
+    @model_validator(mode="after")
+    def _clip_path(self) -> "TokenizerConfig":
+        # its 49,408 pieces against tokenizer.vocab_size: checked when a run starts, as a trained tokenizer's
+        if self.kind == "open_clip" and self.path:
+            raise PydanticCustomError(
+                "clip_path", "tokenizer.path: not read with tokenizer.kind open_clip (its vocabulary is open_clip's)"
+            )
+        return self
 
 
 class OptimConfig(Strict):

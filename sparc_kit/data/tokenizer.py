@@ -13,6 +13,7 @@ import fsspec
 import sentencepiece as spm
 import torch
 
+from sparc_kit.data.clip_tokenizer import CLIP_MAGIC, OpenClipTokenizer
 from sparc_kit.data.filesystems import check_url
 from sparc_kit.errors import DataError
 from sparc_kit.io import atomic_write
@@ -69,6 +70,8 @@ class Tokenizer:
         check_url(path, "tokenizer.path")
         with fsspec.open(path, "rb") as f:
             proto = f.read()
+        if proto.startswith(CLIP_MAGIC):  # a run of tokenizer.kind: open_clip keeps CLIP's BPE vocabulary here
+            return OpenClipTokenizer.from_file_bytes(proto, context_length=context_length)  # type: ignore[return-value]
         return cls(proto, context_length=context_length, lowercase=lowercase, add_eos=add_eos)
 
     def save(self, path: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sparc_kit.models import attention, poolers, text, timm_encoder, vit  # noqa: F401  (registration)
+from sparc_kit.data.clip_tokenizer import CLIP_EOT_ID
 from sparc_kit.data.tokenizer import EOS_ID
 from sparc_kit.errors import RecipeError, require_recipe
 from sparc_kit.models.dual_encoder import DualEncoder
@@ -39,6 +40,11 @@ def has_class_token(encoder: Any) -> bool:
     if isinstance(flag, bool):
         return flag
     return getattr(encoder, "cls_token", None) is not None
+
+
+def _end_id(tokenizer: Any) -> int:
+    """The id of the end-of-caption token of the recipe's tokenizer kind."""
+    return CLIP_EOT_ID if getattr(tokenizer, "kind", "sentencepiece") == "open_clip" else EOS_ID
 
 
 def build_model(recipe: Any) -> DualEncoder:
@@ -78,7 +84,7 @@ def build_model(recipe: Any) -> DualEncoder:
         image_global_head=m.image_global_head,
         init_temperature=m.init_temperature,
         max_logit_scale=m.max_logit_scale,
-        end_id=None if m.text_end_token == "include" else EOS_ID,
+        end_id=None if m.text_end_token == "include" else _end_id(recipe.tokenizer),
     )
     if m.grad_checkpointing:
         model.set_grad_checkpointing(True)

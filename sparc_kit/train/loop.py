@@ -31,6 +31,7 @@ import torch
 from sparc_kit.checkpoint import CHECKPOINTS, METRICS, RECIPE, TOKENIZER, read_checkpoint_state, save_train_checkpoint
 from sparc_kit.config import dump_recipe
 from sparc_kit.data import Collate, Tokenizer, build_dataset, make_train_loader
+from sparc_kit.data.clip_tokenizer import OpenClipTokenizer
 from sparc_kit.engines.base import BatchLayout, Engine, OptimizerSpec
 from sparc_kit.errors import RecipeError, RunError, require_recipe
 from sparc_kit.evaluate import check_eval_data, evaluate_during_training
@@ -95,8 +96,11 @@ def build_engine(recipe: Any) -> Engine:
 
 
 def build_tokenizer(recipe: Any, dataset: Any = None, run_dir: str | None = None) -> Tokenizer:
-    """The recipe's tokenizer file, else the run folder's (on resume), else one trained on the captions."""
+    """CLIP's BPE for ``tokenizer.kind: open_clip``; else the recipe's tokenizer file, else the run folder's (on
+    resume), else one trained on the captions."""
     t = recipe.tokenizer
+    if t.kind == "open_clip":  # CLIP's BPE, the same on every process: nothing to train or read
+        return OpenClipTokenizer(context_length=t.context_length)  # type: ignore[return-value]
     kwargs = dict(context_length=t.context_length, lowercase=t.lowercase, add_eos=t.add_eos)
     if t.path:
         return Tokenizer.load(t.path, **kwargs)

@@ -24,7 +24,7 @@ from sparc_kit.checkpoint import (
     latest_checkpoint,
     resume_checkpoint,
 )
-from sparc_kit.config import canonical_values
+from sparc_kit.config import canonical_values, recipe_schema
 from sparc_kit.engines.base import Engine, EngineSetupError
 from sparc_kit.errors import RunError
 from sparc_kit.io import atomic_open
@@ -109,17 +109,31 @@ def check_resume(run_dir: str, recipe: Any) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        old = canonical_values(yaml.safe_load(f) or {})
+        old = _with_defaults(canonical_values(yaml.safe_load(f) or {}))
     new = recipe.model_dump(mode="json")
     diffs = []
     for section in ("model", "tokenizer"):
         for key, (a, b) in _diff(old.get(section), new.get(section), section).items():
-            diffs.append(f"{key} (checkpoint: {a!r}, recipe: {b!r})")
+            if key != RESUME_IGNORES and not key.startswith(RESUME_IGNORES + "."):
+                diffs.append(f"{key} (checkpoint: {a!r}, recipe: {b!r})")
     if diffs:
         raise ResumeMismatchError(
             f"run folder {run_dir} holds a checkpoint of another model: {'; '.join(diffs[:4])}. "
             "Use a new --out folder, or the recipe the run was started with"
         )
+
+
+#: where a resumed run may differ: the weights it started from (it loads its own checkpoint, not those)
+RESUME_IGNORES = "model.init_from"
+
+
+def _with_defaults(old: dict[str, Any]) -> dict[str, Any]:
+    """A run folder's recipe with the defaults of fields added since it was written (a resume compares it with
+    a recipe that has them); as written when it no longer validates."""
+    try:
+        return recipe_schema().model_validate(old).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - compared as written; the differences are reported then
+        return old
 
 
 def _diff(a: Any, b: Any, prefix: str) -> dict[str, tuple[Any, Any]]:
