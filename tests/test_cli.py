@@ -62,7 +62,7 @@ def test_unknown_key_line(cli, in_tmp):
         cli("train", "bad.yaml"),
         [
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, loggers, probe."
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe."
         ],
     )
     assert not (in_tmp / "runs").exists()
@@ -118,7 +118,7 @@ def test_several_problems_each_on_its_own_line(cli, in_tmp):
             "integer",
             "error: bad.yaml: train.batch_size: got 0; input should be greater than 0",
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, loggers, probe.",
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe.",
         ],
     )
 
@@ -309,6 +309,7 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
         "ddp", "deepspeed", "local",
         "auto", "math", "matmul", "sdpa", "xformers",
         "retrieval", "segmentation", "zeroshot",
+        "jsonl", "tensorboard", "wandb",
     ]
     assert "      lambda_g: float = 0.5" in lines
     assert "      lambda_f: float = 1.0" in lines
