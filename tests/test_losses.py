@@ -751,3 +751,60 @@ def test_zeroed_fraction_reports_what_the_threshold_removed():
                 removed += sum(1 for x in normalised if 0 < x < 1 / P)
                 total += P
         assert float(SparcLoss()(**kw)["zeroed_fraction"]) == pytest.approx(removed / total)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunk_size: the same loss and gradients, a fraction of the saved intermediates
+
+
+@pytest.mark.parametrize("average", ["token", "caption"])
+@pytest.mark.parametrize("weighting,threshold", WEIGHTING_CASES)
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunked_fine_grained_loss_matches_reference_and_unchunked_gradients(chunk, weighting, threshold, average):
+    patch, token = make_inputs(seed=5)
+    mask = scattered_mask()
+    expected = ref_fine_grained_loss(patch, token, mask, LOGIT_SCALE, threshold, average, weighting)
+    grads = {}
+    for chunk_size in (None, chunk):
+        p, t = patch.clone().requires_grad_(True), token.clone().requires_grad_(True)
+        s = torch.tensor(LOGIT_SCALE, requires_grad=True)
+        out, weights = sparc_fine_grained_loss(
+            p, t, mask, s, threshold=threshold, average=average, weighting=weighting, return_weights=True,
+            chunk_size=chunk_size,
+        )
+        assert_close_scalar(out, expected)
+        assert weights.shape == (B, L, P)
+        out.backward()
+        grads[chunk_size] = (p.grad, t.grad, s.grad, weights.detach())
+    for a, b in zip(grads[None], grads[chunk]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass while ``fn`` runs."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_chunked_fine_grained_loss_keeps_no_batch_sized_intermediate_for_the_backward():
+    """Unchunked, the backward keeps several [B, L, P] float32 tensors from the forward; chunked, it keeps only
+    the inputs (which the towers' backward holds anyway) and recomputes one chunk at a time (the peak of that is
+    measured in ``benchmarks/loss_cost.py --chunk``)."""
+    b, p, n, d = 32, 196, 32, 64
+    patch, token = make_inputs(seed=2, b=b, p=p, n_tokens=n, d=d)
+    patch.requires_grad_(True)
+    token.requires_grad_(True)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    inputs = patch.untyped_storage().nbytes() + token.untyped_storage().nbytes()
+    whole = _saved_bytes(lambda: sparc_fine_grained_loss(patch, token, mask, LOGIT_SCALE))
+    chunked = _saved_bytes(lambda: sparc_fine_grained_loss(patch, token, mask, LOGIT_SCALE, chunk_size=4))
+    one_blp = b * n * p * 4
+    assert whole - inputs >= 3 * one_blp  # similarity, normalised and weights at least
+    assert chunked - inputs < one_blp / 100  # a few scalars

@@ -78,6 +78,7 @@ def test_sparc_tiny_values_as_written_and_defaults_filled():
         "global_loss": "clip",
         "local_loss": True,
         "diagnostics": True,
+        "chunk_size": None,
     }
     assert r.tokenizer.vocab_size == 256 and r.tokenizer.context_length == 16
     assert r.tokenizer.model_type == "bpe"  # one token per word of the synthetic captions
@@ -185,6 +186,7 @@ def test_override_switch_back_and_forth_gives_defaults_of_new_component():
         "global_loss": "clip",
         "local_loss": True,
         "diagnostics": True,
+        "chunk_size": None,
     }
 
 
@@ -243,14 +245,14 @@ def test_override_recipe_name_keeps_the_recipe():
 def test_problems_unknown_key_with_did_you_mean_and_accepted_keys():
     assert problems_of("sparc_tiny", ["train.stpes=5"]) == [
         "train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, batch_size, accum_steps, seed, "
-        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction."
+        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe."
     ]
 
 
 def test_problems_unknown_component_parameter_lists_that_components_keys():
     assert problems_of("sparc_tiny", ["loss.lambda_ff=1"]) == [
         "loss.lambda_ff: unknown key (value 1). Did you mean 'lambda_f'? Accepted keys: lambda_g, lambda_f, "
-        "sparsity_threshold, average, weighting, global_loss, local_loss, diagnostics."
+        "sparsity_threshold, average, weighting, global_loss, local_loss, diagnostics, chunk_size."
     ]
     assert problems_of("sparc_tiny", ["model.vision.widht=3"]) == [
         "model.vision.widht: unknown key (value 3). Did you mean 'width'? Accepted keys: image_size, patch_size, "
@@ -289,7 +291,7 @@ def test_problems_wrong_type_range_and_literal_all_reported():
 
 def test_problems_attention_literal_and_tuple_length():
     assert problems_of("sparc_tiny", ["model.attention=flash"]) == [
-        "model.attention: got 'flash'; input should be 'math', 'sdpa' or 'xformers'"
+        "model.attention: got 'flash'; input should be 'auto', 'math', 'matmul', 'sdpa' or 'xformers'"
     ]
     assert problems_of("sparc_tiny", ["optim.betas=[1, 2, 3]"]) == [
         "optim.betas: got [1, 2, 3]; tuple should have at most 2 items after validation, not 3"

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from sparc_kit.losses.distributed import batch_share
 
@@ -185,6 +186,7 @@ def sparc_fine_grained_loss(
     weighting: Weighting = "sparse",
     return_weights: bool = False,
     denominator: torch.Tensor | float | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """SPARC's fine-grained sequence-wise loss (eqs. 2-6).
 
@@ -200,7 +202,43 @@ def sparc_fine_grained_loss(
     No other sample of the batch is used, so the loss of one pair does not depend on the rest of the batch.
     With ``return_weights`` the alignment weights [B, L, P] are returned too. ``denominator``: see
     :func:`masked_pairwise_contrastive_loss` (the count of a whole batch when these are only some of its rows).
+
+    ``chunk_size``: compute the term over groups of this many pairs, each recomputed in the backward pass
+    (activation checkpointing), so what the backward keeps of the [B, L, P] intermediates is one chunk's, not the
+    batch's; the loss and gradients are the same (the pairs are independent and share one denominator).
     """
+    if denominator is None:
+        denominator = average_denominator(token_mask, average)
+    batch = patch_embeds.shape[0]
+    if chunk_size is None or batch <= chunk_size or not torch.is_grad_enabled():
+        loss, weights = _fine_grained_terms(
+            patch_embeds, token_embeds, token_mask, logit_scale, threshold, average, weighting, denominator
+        )
+    else:
+        parts = [
+            checkpoint(
+                _fine_grained_terms,
+                patch_embeds[start : start + chunk_size],
+                token_embeds[start : start + chunk_size],
+                token_mask[start : start + chunk_size],
+                logit_scale,
+                threshold,
+                average,
+                weighting,
+                denominator,
+                use_reentrant=False,
+            )
+            for start in range(0, batch, chunk_size)
+        ]
+        loss = torch.stack([part[0] for part in parts]).sum()
+        weights = torch.cat([part[1] for part in parts]) if return_weights else None
+    if return_weights:
+        return loss, weights
+    return loss
+
+
+def _fine_grained_terms(patch_embeds, token_embeds, token_mask, logit_scale, threshold, average, weighting, denominator):
+    """The loss of these pairs over ``denominator`` and their alignment weights (eqs. 2-6, in float32)."""
     with _no_autocast(patch_embeds.device):
         patches, tokens = _float32(patch_embeds, token_embeds)
         similarity = torch.einsum("bld,bpd->blp", tokens, patches)  # [B, L, P]
@@ -210,11 +248,6 @@ def sparc_fine_grained_loss(
         tokens_n = F.normalize(tokens, dim=-1)
         scale = scale_like(logit_scale, patches)
         logits = scale * torch.einsum("bjd,bkd->bjk", grouped, tokens_n)  # [B, L, L]: grouped j vs token k
-        if denominator is None:
-            denominator = average_denominator(token_mask, average)
         loss_vl = masked_pairwise_contrastive_loss(logits, token_mask, average, denominator)
         loss_lv = masked_pairwise_contrastive_loss(logits.transpose(1, 2), token_mask, average, denominator)
-        loss = 0.5 * (loss_vl + loss_lv)
-    if return_weights:
-        return loss, weights
-    return loss
+    return 0.5 * (loss_vl + loss_lv), weights

@@ -35,6 +35,9 @@ class SparcLoss(GlobalPlusFineLoss):
     mean number of patches a real token groups, and the *shortcut gap*: the fine-grained loss recomputed (no
     gradient) with each caption paired with the next image's patches, minus the real one. A gap near zero means
     the fine-grained loss is being solved from the text alone.
+
+    ``chunk_size``: compute the fine-grained term over groups of this many pairs, recomputed in the backward pass,
+    so its saved intermediates are one group's (null: the whole batch at once, the fastest while memory allows).
     """
 
     def __init__(
@@ -50,12 +53,14 @@ class SparcLoss(GlobalPlusFineLoss):
         global_loss: GlobalLossName = "clip",
         local_loss: bool = True,
         diagnostics: bool = True,
+        chunk_size: Annotated[int | None, Field(gt=0)] = None,
     ):
         super().__init__(lambda_g=lambda_g, lambda_f=lambda_f, global_loss=global_loss, local_loss=local_loss)
         self.sparsity_threshold = sparsity_threshold
         self.average = average
         self.weighting = weighting
         self.diagnostics = diagnostics
+        self.chunk_size = chunk_size
         self._register_load_state_dict_pre_hook(_earlier_bias_name)
 
     def fine_loss(self, patch_embeds, token_embeds, token_mask, logit_scale, return_weights=False, denominator=None):
@@ -69,6 +74,7 @@ class SparcLoss(GlobalPlusFineLoss):
             weighting=self.weighting,
             return_weights=return_weights,
             denominator=denominator,
+            chunk_size=self.chunk_size,
         )
 
     def forward(
@@ -94,9 +100,12 @@ class SparcLoss(GlobalPlusFineLoss):
             fine_loss = self.fine_loss(*rows, logit_scale, denominator=denominator)
             out = self.combine(fine_loss, image_embeds, text_embeds, share_gradient(logit_scale, live_passes))
             return {key: out[key] for key in ("loss", "global_loss", "fine_loss")}
-        fine_loss, weights = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale, True)
+        diagnose = self.diagnostics and diagnostics_enabled()
+        fine_loss = self.fine_loss(patch_embeds, token_embeds, token_mask, logit_scale, return_weights=diagnose)
+        if diagnose:
+            fine_loss, weights = fine_loss
         out = self.combine(fine_loss, image_embeds, text_embeds, logit_scale)
-        if self.diagnostics and diagnostics_enabled():
+        if diagnose:
             with torch.no_grad():
                 out.update(self._sparsity_stats(weights, patch_embeds, token_embeds, token_mask))
                 rolled = self.fine_loss(patch_embeds.roll(1, dims=0), token_embeds, token_mask, logit_scale)
