@@ -1,6 +1,6 @@
 """Training-step throughput in float32 and under bf16 autocast, on the CPU (or the GPU when there is one).
 
-    python benchmarks/train_step.py [--steps 8] [--sizes tiny,small]
+    python benchmarks/train_step.py [--steps 8] [--sizes tiny,small] [--optimizer | --compile]
 
 The cores this project is developed on have AMX, on which a large bf16 matrix product runs about 2.3x faster
 than float32; whether a whole SPARC step gains depends on how much of it is large matrix products. Each row
@@ -31,10 +31,12 @@ SIZES = {
 }
 
 
-def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "auto") -> float:
+def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "auto", compile: bool = False) -> float:
     recipe = sparc_kit.load_recipe("sparc_tiny", SIZES[size] + [f"train.precision={precision}", f"optim.impl={impl}"])
     torch.manual_seed(0)
     model, loss_fn = sparc_kit.build_model(recipe), build_loss(recipe)
+    if compile:
+        model.compile_blocks()  # what train.compile: true does
     data = SyntheticShapes(num_samples=batch_size, image_size=64)
     tokenizer = Tokenizer.train(list(data.captions()), vocab_size=256, model_type="bpe", context_length=16)
     batch = Collate(tokenizer, 64)([data[i] for i in range(batch_size)])
@@ -48,7 +50,9 @@ def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "aut
     def step():
         train_step(engine, batch, grad_clip=1.0)
 
-    step()  # warm-up
+    start = time.perf_counter()
+    step()  # warm-up (and, compiled, the compilation)
+    run.first_step_s = time.perf_counter() - start
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -67,6 +71,9 @@ def main() -> None:
     parser.add_argument(
         "--optimizer", action="store_true", help="compare AdamW's implementations (optim.impl) in fp32 instead"
     )
+    parser.add_argument(
+        "--compile", action="store_true", help="compare train.compile (each block torch.compiled) with eager instead"
+    )
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     print(f"\nSPARC training step (towers + loss + AdamW), batch {args.batch_size}, 64 px, {args.steps} timed steps "
@@ -79,6 +86,17 @@ def main() -> None:
             fused = run(size, "fp32", args.steps, args.batch_size, "auto")
             print(f"| {size} | for_loop (torch's CPU default) | {base:,.1f} | 1.00x |")
             print(f"| {size} | auto (fused) | {fused:,.1f} | {fused / base:.2f}x |")
+        return
+    if args.compile:
+        print("| size | precision | train.compile | first step s | samples/s after it | vs eager |")
+        print("|---|---|---|---:|---:|---:|")
+        for size in args.sizes.split(","):
+            for precision in ("fp32", "bf16"):
+                eager = run(size, precision, args.steps, args.batch_size)
+                eager_first = run.first_step_s
+                compiled = run(size, precision, args.steps, args.batch_size, compile=True)
+                print(f"| {size} | {precision} | false | {eager_first:.1f} | {eager:,.1f} | 1.00x |")
+                print(f"| {size} | {precision} | true | {run.first_step_s:.1f} | {compiled:,.1f} | {compiled / eager:.2f}x |")
         return
     print("| size | precision | samples/s | vs fp32 |")
     print("|---|---|---:|---:|")

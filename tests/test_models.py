@@ -29,6 +29,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sparc_kit
+
 from sparc_kit.config import load_recipe
 from sparc_kit.losses import ClipLoss, SparcLoss
 from sparc_kit.models import DualEncoder, MeanPooler, TextTransformer, VisionTransformer, build_model, masked_mean
@@ -702,3 +704,17 @@ def test_every_registered_loss_has_a_builtin_recipe_checked_above():
 
     covered = {load_recipe(n).loss.name for n in _builtin_recipes()}
     assert set(losses.names()) <= covered
+
+
+def test_compile_blocks_marks_every_block_and_keeps_the_state_dict_names():
+    """``train.compile``: each transformer block of both towers is compiled in place (lazily: nothing is compiled
+    until the first call, which this test never makes), and the weights keep their names, so checkpoints of
+    compiled and eager runs load into each other."""
+    recipe = sparc_kit.load_recipe("sparc_tiny")
+    model = sparc_kit.build_model(recipe)
+    before = list(model.state_dict())
+    count = model.compile_blocks()
+    assert count == recipe.model.vision.depth + recipe.model.text.depth
+    blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
+    assert len(blocks) == count and all(b._compiled_call_impl is not None for b in blocks)
+    assert list(model.state_dict()) == before

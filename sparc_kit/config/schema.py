@@ -127,6 +127,11 @@ class TrainConfig(Strict):
     max_skip_fraction: float = Field(
         0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
     )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block of both towers (regional compilation); pays off on long "
+        "runs only: compiling takes tens of seconds on a CPU (docs/performance.md)",
+    )
     loggers: list[str] = Field(
         default_factory=lambda: ["jsonl"],
         description="where the metrics go (`sparc components logger`): jsonl (RUN/metrics.jsonl, always on), "
@@ -262,7 +267,7 @@ def _build_schema(versions: tuple[int, ...]) -> type[BaseModel]:
                 "and the token-level losses (the text tower attends to it either way)",
             ),
         ),
-        attention=(attention_t, "sdpa"),
+        attention=(attention_t, "auto"),
         init_temperature=(float, Field(0.07, gt=0)),
         max_logit_scale=(float, Field(100.0, gt=1)),
         grad_checkpointing=(bool, False),

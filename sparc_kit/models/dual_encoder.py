@@ -131,6 +131,18 @@ class DualEncoder(nn.Module):
         self.vision.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
 
+    def compile_blocks(self, **options: Any) -> int:
+        """``torch.compile`` every transformer block of both towers in place (``nn.Module.compile``, so the state
+        dict keeps its names); returns how many. One block's graph serves its identical siblings, so this
+        compiles in a fraction of the whole model's time; poolers, adapters and losses stay eager."""
+        count = 0
+        for name, module in self.named_modules():
+            if name.endswith("blocks") and isinstance(module, (nn.ModuleList, nn.Sequential)):
+                for block in module:
+                    block.compile(**options)
+                    count += 1
+        return count
+
     def forward(
         self, images: torch.Tensor, token_ids: torch.Tensor, token_mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:

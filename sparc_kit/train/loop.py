@@ -290,6 +290,8 @@ def _train(
     if initial is not None:  # on every process, before the engine wraps (DDP) or shards (DeepSpeed) the model
         apply_init_weights(model, recipe, initial, echo=_stderr if engine.is_main else _silent)
         del initial
+    if recipe.train.compile:
+        model.compile_blocks()  # compiled on the first step; the weights and their names stay as they are
     module = TrainModule(model, build_loss(recipe))  # some losses own parameters (SigLIP's bias, MGCA's attention)
     optimizer = OptimizerSpec.from_recipe(cfg_optim, module)
     engine.setup(module, optimizer, layout, cfg_optim.grad_clip)
