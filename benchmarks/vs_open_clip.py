@@ -25,7 +25,9 @@ recipe's ``optim.grad_clip``, 1.0). For each precision (fp32, bf16 autocast) all
 warm-up step counted with ``torch.utils.flop_counter.FlopCounterMode`` and one more warm-up step, then ``--steps``
 rounds in which each system takes one timed step (the order rotated every round). Reported: the median step time,
 samples/s, the ratio to open_clip, the FLOPs of one step, and the achieved FLOP/s over the rate of a 4096^3 bf16
-matrix product measured in the same run (before and after the steps; the higher is used). The table is printed and
+matrix product measured in the same run (before and after the steps; the higher is used), and over the rate of
+the step's own matrix shapes (each Linear and the patch convolution: the forward and both backward products in
+bf16, weighted by use; what a step made of nothing but its matrix products would reach). The table is printed and
 written as JSON (default ``benchmarks/results/vs_open_clip.json``).
 """
 
@@ -96,8 +98,8 @@ def recipe_optim(s: dict[str, int]):
 class System:
     """One trainable system: ``step()`` is one full optimizer step on the fixed batch."""
 
-    def __init__(self, name: str, step: Callable[[], None], params: int):
-        self.name, self.step, self.params = name, step, params
+    def __init__(self, name: str, step: Callable[[], None], params: int, module: torch.nn.Module | None = None):
+        self.name, self.step, self.params, self.module = name, step, params, module
         self.times: list[float] = []
         self.flops = 0
 
@@ -115,7 +117,7 @@ def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, t
     def step() -> None:
         train_step(engine, batch, grad_clip=o.grad_clip)
 
-    return System(name, step, sum(p.numel() for p in module.parameters()))
+    return System(name, step, sum(p.numel() for p in module.parameters()), module)
 
 
 def build_open_clip(s: dict[str, int], precision: str, batch: dict[str, torch.Tensor], optim) -> System:
@@ -174,6 +176,47 @@ def gemm_rate(n: int = 4096, reps: int = 5) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def matrix_shapes(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[int, int, int], int]:
+    """(M, K, N) of every Linear and Conv2d product in one forward of ``module`` (a TrainModule), with counts."""
+    shapes: dict[tuple[int, int, int], int] = {}
+
+    def record(layer, inputs, output):
+        if isinstance(layer, torch.nn.Linear):
+            key = (inputs[0].numel() // layer.in_features, layer.in_features, layer.out_features)
+        else:  # a patch-embedding convolution: one product of (patches, C p p) by (C p p, width)
+            key = (output.numel() // layer.out_channels, layer.weight[0].numel(), layer.out_channels)
+        shapes[key] = shapes.get(key, 0) + 1
+
+    hooks = [m.register_forward_hook(record) for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    try:
+        with torch.no_grad():
+            module(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
+
+
+def shapes_gemm_rate(shapes: dict[tuple[int, int, int], int], reps: int = 3) -> float:
+    """FLOP/s of the step's own bf16 matrix products: for each (M, K, N), the forward (M,K)x(K,N) and the two
+    backward products (M,N)x(N,K) and (N,M)x(M,K) in the layouts autograd runs them, best of ``reps``, weighted
+    by how often each shape occurs. The ceiling of a step made of nothing but its matrix products."""
+    flops = seconds = 0.0
+    for (m, k, n), count in shapes.items():
+        x, w, g = (torch.randn(*sz, dtype=torch.bfloat16) for sz in ((m, k), (n, k), (m, n)))
+        products = ((x, w.t()), (g, w), (g.t(), x))
+        for a, b in products:
+            torch.mm(a, b)
+            best = math.inf
+            for _ in range(reps):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                best = min(best, time.perf_counter() - start)
+            flops += count * 2 * m * k * n
+            seconds += count * best
+    return flops / seconds
 
 
 def commit() -> str:
@@ -247,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         results[precision] = measure(precision, names, s, args.steps, optim)
     rate_after = gemm_rate(1024 if args.tiny else 4096)
     rate = max(rate_before, rate_after)
+    probe = next((x for p in results.values() for x in p if x.module is not None), None)
+    own_rate = shapes_gemm_rate(matrix_shapes(probe.module, synthetic_batch(s))) if probe else None
 
     rows: list[dict[str, Any]] = []
     for precision, systems in results.items():
@@ -257,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 "system": x.name, "precision": precision, "params": x.params, "median_step_s": median,
                 "step_times_s": x.times, "samples_per_s": s["batch"] / median, "step_flops": x.flops,
                 "achieved_flops_per_s": x.flops / median, "fraction_of_bf16_gemm_rate": x.flops / median / rate,
+                "fraction_of_own_shapes_gemm_rate": x.flops / median / own_rate if own_rate else None,
                 "time_x_open_clip": median / statistics.median(base.times) if base else None,
                 "flops_x_open_clip": x.flops / base.flops if base else None,
             }
@@ -265,15 +311,18 @@ def main(argv: list[str] | None = None) -> int:
     label = {"open_clip": "open_clip (CLIP)", "sparc_clip": "sparc-kit CLIP", "sparc_sparc": "sparc-kit SPARC"}
     print(f"bf16 GEMM 4096^3: {rate_before / 1e12:.2f} TFLOP/s before the steps, {rate_after / 1e12:.2f} after"
           if not args.tiny else f"bf16 GEMM 1024^3 (tiny): {rate / 1e9:.1f} GFLOP/s")
+    if own_rate:
+        print(f"bf16 GEMM at the step's own matrix shapes (forward and both backward products, weighted by use): "
+              f"{own_rate / 1e12:.2f} TFLOP/s, {own_rate / rate:.2f} of the 4096^3 rate")
     print("\n| system | precision | params (M) | median step s | samples/s | step time x open_clip "
-          "| GFLOP per step | FLOPs x open_clip | achieved GFLOP/s | x bf16 GEMM rate |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| GFLOP per step | FLOPs x open_clip | achieved GFLOP/s | x bf16 GEMM rate | x own-shapes GEMM rate |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in rows:
         print(f"| {label[r['system']]} | {r['precision']} | {r['params'] / 1e6:.1f} | {r['median_step_s']:.3f} "
               f"| {r['samples_per_s']:.2f} | {fmt(r['time_x_open_clip'])} | {r['step_flops'] / 1e9:,.0f} "
               f"| {fmt(r['flops_x_open_clip'])} | {r['achieved_flops_per_s'] / 1e9:,.0f} "
-              f"| {r['fraction_of_bf16_gemm_rate']:.3f} |")
+              f"| {r['fraction_of_bf16_gemm_rate']:.3f} | {_fraction(r['fraction_of_own_shapes_gemm_rate'])} |")
 
     out = Path(args.out) if args.out else Path(__file__).resolve().parent / "results" / "vs_open_clip.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,12 +334,16 @@ def main(argv: list[str] | None = None) -> int:
                   "grad_clip": optim.grad_clip},
         "open_clip": _version("open_clip"),
         "bf16_gemm_flops_per_s": {"before": rate_before, "after": rate_after, "used": rate,
-                                  "n": 1024 if args.tiny else 4096},
+                                  "n": 1024 if args.tiny else 4096, "own_shapes": own_rate},
         "rows": rows,
     }
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"\nwritten: {out}")
     return 0
+
+
+def _fraction(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _version(module: str) -> str | None:
