@@ -24,7 +24,8 @@ Every system uses the recipe's AdamW numbers (lr, betas, eps, weight decay) and 
 recipe's ``optim.grad_clip``, 1.0). For each precision (fp32, bf16 autocast) all systems are built, take one
 warm-up step counted with ``torch.utils.flop_counter.FlopCounterMode`` and one more warm-up step, then ``--steps``
 rounds in which each system takes one timed step (the order rotated every round). Reported: the median step time,
-samples/s, the ratio to open_clip, the FLOPs of one step, and the achieved FLOP/s over the rate of a 4096^3 bf16
+samples/s, the ratio to open_clip, the best (shortest) step and its ratio (the steadier number when other work
+shares the machine), the FLOPs of one step, and the achieved FLOP/s over the rate of a 4096^3 bf16
 matrix product measured in the same run (before and after the steps; the higher is used), and over the rate of
 the step's own matrix shapes (each Linear and the patch convolution: the forward and both backward products in
 bf16, weighted by use; what a step made of nothing but its matrix products would reach). The table is printed and
@@ -304,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
                 "achieved_flops_per_s": x.flops / median, "fraction_of_bf16_gemm_rate": x.flops / median / rate,
                 "fraction_of_own_shapes_gemm_rate": x.flops / median / own_rate if own_rate else None,
                 "time_x_open_clip": median / statistics.median(base.times) if base else None,
+                "best_step_s": min(x.times),
+                "best_time_x_open_clip": min(x.times) / min(base.times) if base else None,
                 "flops_x_open_clip": x.flops / base.flops if base else None,
             }
             rows.append(row)
@@ -315,12 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bf16 GEMM at the step's own matrix shapes (forward and both backward products, weighted by use): "
               f"{own_rate / 1e12:.2f} TFLOP/s, {own_rate / rate:.2f} of the 4096^3 rate")
     print("\n| system | precision | params (M) | median step s | samples/s | step time x open_clip "
+          "| best step s | best x open_clip "
           "| GFLOP per step | FLOPs x open_clip | achieved GFLOP/s | x bf16 GEMM rate | x own-shapes GEMM rate |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}x"  # noqa: E731
     for r in rows:
         print(f"| {label[r['system']]} | {r['precision']} | {r['params'] / 1e6:.1f} | {r['median_step_s']:.3f} "
-              f"| {r['samples_per_s']:.2f} | {fmt(r['time_x_open_clip'])} | {r['step_flops'] / 1e9:,.0f} "
+              f"| {r['samples_per_s']:.2f} | {fmt(r['time_x_open_clip'])} | {r['best_step_s']:.3f} "
+              f"| {fmt(r['best_time_x_open_clip'])} | {r['step_flops'] / 1e9:,.0f} "
               f"| {fmt(r['flops_x_open_clip'])} | {r['achieved_flops_per_s'] / 1e9:,.0f} "
               f"| {r['fraction_of_bf16_gemm_rate']:.3f} | {_fraction(r['fraction_of_own_shapes_gemm_rate'])} |")
 
