@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from sparc_kit.config import builtin_recipes, load_recipe
+from sparc_kit.data.clip_tokenizer import OpenClipTokenizer
 from sparc_kit.data.loader import Collate
 from sparc_kit.data.tokenizer import Tokenizer
 from sparc_kit.data.transforms import EvalTransform, ImageTransform, model_image_size
@@ -148,6 +149,8 @@ def get_tokenizer(run_or_recipe: Any) -> TextTokenizer:
         return TextTokenizer(load_pretrained(run_or_recipe).tokenizer)
     recipe = _recipe(run_or_recipe)
     t = recipe.tokenizer
+    if t.kind == "open_clip":  # CLIP's BPE: nothing to train, the same for the recipe as for its runs
+        return TextTokenizer(OpenClipTokenizer(context_length=t.context_length))  # type: ignore[arg-type]
     if not t.path:
         name = recipe.name or str(run_or_recipe)
         raise ApiError(

@@ -74,6 +74,7 @@ def test_open_clip_vit_b16_gives_open_clips_embeddings(tmp_path):
     captions = ["a photo of a dog!", "two cats on a sofa, one asleep and one looking at the camera"]
     ids, mask = build_tokenizer(recipe)(captions)  # tokenizer.kind open_clip: CLIP's BPE
     assert torch.equal(ids, open_clip.get_tokenizer("ViT-B-16")(captions))
+    assert torch.equal(sparc_kit.get_tokenizer("sparc_b16_from_openclip")(captions), ids)
     with torch.no_grad():
         image_diff = max_diff(model.encode_image(images), reference.encode_image(images, normalize=True))
         text_diff = max_diff(model.encode_text(ids, mask), reference.encode_text(ids, normalize=True))
@@ -255,7 +256,7 @@ def test_strict_refuses_unmapped_tensors_and_lenient_logs_each(tmp_path):
     with pytest.raises(RecipeError) as info:
         load(tiny_recipe(file))
     assert info.value.problems == [
-        f"model.init_from: 1 tensors of {file} map to nothing in the model: visual.extra_head.weight (is the format "
+        f"model.init_from: 1 tensor of {file} with no place in the model: visual.extra_head.weight (is the format "
         "right? model.init_from.strict=false loads the rest)"
     ]
     _, fitted, lines = load(tiny_recipe(file, "model.init_from.strict=false"))
@@ -263,7 +264,7 @@ def test_strict_refuses_unmapped_tensors_and_lenient_logs_each(tmp_path):
     assert f"init_from: visual.extra_head.weight [3] of {file} maps to nothing in the model: not loaded" in lines
 
     # a model with a patch bias the file does not have: a tensor the file leaves unset
-    with pytest.raises(RecipeError, match=r"holds no value for 1 tensors of the model: vision.patch_embed.bias"):
+    with pytest.raises(RecipeError, match=r"holds no value for 1 tensor of the model: vision.patch_embed.bias"):
         load(tiny_recipe(tmp_path / "extra.pt", "model.vision.patch_bias=true", "model.init_from.strict=true"))
 
 

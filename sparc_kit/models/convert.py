@@ -204,6 +204,10 @@ def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
 
 
+def _count(names: list[str]) -> str:
+    return f"{len(names)} tensor{'' if len(names) == 1 else 's'}"
+
+
 def _listed(names: list[str], limit: int = 6) -> str:
     return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
@@ -269,12 +273,12 @@ def fit_weights(
         lines = []
         if fitted.unmapped:
             lines.append(
-                f"{FIELD}: {len(fitted.unmapped)} tensors of {source} map to nothing in the model: "
+                f"{FIELD}: {_count(fitted.unmapped)} of {source} with no place in the model: "
                 f"{_listed(fitted.unmapped)} (is the format right? model.init_from.strict=false loads the rest)"
             )
         if fitted.unset:
             lines.append(
-                f"{FIELD}: {source} holds no value for {len(fitted.unset)} tensors of the model: "
+                f"{FIELD}: {source} holds no value for {_count(fitted.unset)} of the model: "
                 f"{_listed(fitted.unset)} (check the recipe's architecture options; model.init_from.strict=false "
                 "keeps their initialisation)"
             )
