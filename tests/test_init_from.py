@@ -359,3 +359,16 @@ def test_a_two_process_ddp_run_starts_from_the_file_as_one_process_does(tmp_path
 
     two, one = final("ddp"), final("one")
     assert max(max_diff(two[k], one[k]) for k in one) < 1e-5
+
+
+def test_the_papers_mean_pooled_tower_loads_clip_without_its_class_token(tmp_path, tiny_file):
+    """class_token false: the class token has no place (strict refuses; lenient reports it) and its position is
+    dropped, the patch positions kept as they are."""
+    mean = ["model.vision.class_token=false", "model.image_pooler.name=mean"]
+    with pytest.raises(RecipeError, match=r"1 tensor of .* with no place in the model: visual.class_embedding"):
+        load(tiny_recipe(tiny_file, *mean))
+    model, fitted, lines = load(tiny_recipe(tiny_file, *mean, "model.init_from.strict=false"))
+    assert fitted.unmapped == ["visual.class_embedding"]
+    assert "init_from: vision.pos_embed resampled: class-token position dropped (the model has no class token)" in lines
+    positions = torch.load(tiny_file, weights_only=True)["visual.positional_embedding"]
+    assert torch.equal(model.vision.pos_embed[0], positions[1:])
