@@ -26,10 +26,12 @@ import time
 LOSSES = ["clip", "sparc", "mgca", "pacl", "gloria", "filip"]
 
 
-def measure(name: str, batch: int, patches: int, tokens: int, dim: int, reps: int) -> dict:
-    """Run in a child process: time forward+backward, report peak RSS above the inputs' own."""
+def measure(name: str, batch: int, patches: int, tokens: int, dim: int, reps: int, diagnose: bool = False) -> dict:
+    """Run in a child process: time forward+backward, report peak RSS above the inputs' own. Diagnostics off, as
+    on the training loop's unlogged steps, unless ``diagnose``."""
     import torch
 
+    from sparc_kit.losses.diagnostics import diagnostics
     from sparc_kit.registry import losses
 
     torch.manual_seed(0)
@@ -48,15 +50,19 @@ def measure(name: str, batch: int, patches: int, tokens: int, dim: int, reps: in
     }
     def once() -> float:
         start = time.perf_counter()
-        loss_fn(**inputs)["loss"].backward()
+        with diagnostics(diagnose):
+            loss = loss_fn(**inputs)["loss"]
+        loss.backward()
         for t in inputs.values():
             t.grad = None
         return time.perf_counter() - start
 
-    once()  # warm-up: one-time allocations and lazy imports are not the loss's memory
+    import torch._dynamo  # noqa: F401  (activation checkpointing imports it on first use: not the loss's memory)
+
     base = _reset_peak_rss()
-    times = [once() for _ in range(reps)]
+    once()  # the first call's peak: later calls reuse memory the allocator kept, so their peaks say less
     peak = _peak_rss() - base  # KiB
+    times = [once() for _ in range(reps)]
     return {"seconds": statistics.median(times), "peak_mib": peak / 1024}
 
 
@@ -92,10 +98,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32, help="L")
     parser.add_argument("--dim", type=int, default=256, help="embedding width D (the paper: 512)")
     parser.add_argument("--reps", type=int, default=4)
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="include the losses' diagnostics (the loop computes them on logged steps only)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        out = measure(args.child[0], int(args.child[1]), args.patches, args.tokens, args.dim, args.reps)
+        out = measure(args.child[0], int(args.child[1]), args.patches, args.tokens, args.dim, args.reps,
+                      args.diagnostics)
         print(json.dumps(out))
         return
 
@@ -108,11 +117,13 @@ def main() -> None:
         for name in names:
             cmd = [sys.executable, __file__, "--child", name, str(batch), "--patches", str(args.patches),
                    "--tokens", str(args.tokens), "--dim", str(args.dim), "--reps", str(args.reps)]
+            cmd += ["--diagnostics"] if args.diagnostics else []
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[(name, batch)] = json.loads(done.stdout.strip().splitlines()[-1])
 
     print(f"\nP={args.patches} patches, L={args.tokens} tokens, D={args.dim}; forward+backward of the loss alone, "
-          f"median of {args.reps} timed repetitions after one warm-up; peak = resident memory above the inputs\n")
+          f"median of {args.reps} timed repetitions after the first; peak = resident memory of the first call above the inputs; "
+          f"diagnostics {'on' if args.diagnostics else 'off (as on unlogged steps)'}\n")
     first = batches[0]
     print(f"| loss | B | ms | x CLIP time | peak MiB | x CLIP peak | time x own at B={first} | "
           f"peak x own at B={first} |")
