@@ -112,7 +112,7 @@ def test_several_problems_each_on_its_own_line(cli, in_tmp):
         cli("train", "bad.yaml"),
         [
             "error: bad.yaml: model.vision.widht: unknown key (value 3). Did you mean 'width'? Accepted keys: "
-            "image_size, patch_size, width, depth, heads, mlp_ratio, in_channels, class_token.",
+            "image_size, patch_size, width, depth, heads, mlp_ratio, in_channels, class_token, pre_norm, patch_bias, act, norm_eps.",
             "error: bad.yaml: loss.average: got 'tokens'; input should be 'token' or 'caption'",
             "error: bad.yaml: train.steps: got 'many'; input should be a valid integer, unable to parse string as an "
             "integer",
@@ -321,7 +321,8 @@ def test_components_lists_every_kind_with_parameters_and_defaults(cli):
     vit = lines[lines.index(next(line for line in lines if line.startswith("  vit "))) + 1 :]
     vit = vit[: next(i for i, line in enumerate(vit) if not line.startswith("      "))]
     assert [line.split(":")[0].strip() for line in vit] == [
-        "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "in_channels", "class_token"
+        "image_size", "patch_size", "width", "depth", "heads", "mlp_ratio", "in_channels", "class_token",
+        "pre_norm", "patch_bias", "act", "norm_eps",
     ]
 
 
