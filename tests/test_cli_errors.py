@@ -133,10 +133,14 @@ def test_a_recipe_check_at_model_build_time_exits_2(tmp_path):
 def test_every_module_is_a_command_in_order():
     modules = command_modules()
     names = [m.__name__.rsplit(".", 1)[1] for m in modules]
-    assert sorted(names) == ["ablate", "components", "data", "eval", "export", "recipes", "tokenizer", "train"]
+    assert sorted(names) == [
+        "ablate", "components", "data", "eval", "export", "plot", "recipes", "runs", "tokenizer", "train"
+    ]
     assert [m.ORDER for m in modules] == sorted(m.ORDER for m in modules)
     shown = [c.name for c in app.registered_commands] + [g.name for g in app.registered_groups]
-    assert shown == ["train", "eval", "export", "ablate", "components", "recipes", "data", "tokenizer"]
+    assert shown == [
+        "train", "eval", "export", "ablate", "runs", "plot", "components", "recipes", "data", "tokenizer"
+    ]
 
 
 def test_a_new_command_is_one_new_file(tmp_path, monkeypatch):

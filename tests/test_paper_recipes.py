@@ -118,6 +118,7 @@ def test_sparc_b16_is_the_papers_setup():
         "global_loss": "clip",
         "local_loss": True,
         "diagnostics": True,
+        "chunk_size": None,
     }
 
 

@@ -279,7 +279,7 @@ def test_kinds_and_builtin_names():
     assert reg.poolers.names() == ["attention", "cls", "last", "max", "mean"]
     assert reg.datasets.names() == ["manifest", "synthetic", "webdataset"]
     assert reg.engines.names() == ["ddp", "deepspeed", "local"]
-    assert reg.attention_backends.names() == ["math", "sdpa", "xformers"]
+    assert reg.attention_backends.names() == ["auto", "math", "matmul", "sdpa", "xformers"]
     assert reg.evaluators.names() == ["retrieval", "segmentation", "zeroshot"]
     assert reg.loggers.names() == ["jsonl", "tensorboard", "wandb"]
 
