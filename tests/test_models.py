@@ -210,16 +210,26 @@ def test_bf16_backends_match_float64_reference_and_its_gradients(backend, case):
 
 
 def test_auto_backend_picks_by_device_dtype_and_length():
-    from sparc_kit.models.attention import CPU_MATMUL_MAX_KEYS, auto_kernel, matmul_attention, sdpa_attention
+    from sparc_kit.models.attention import (
+        CPU_MATMUL_MAX_KEYS,
+        CPU_MATMUL_MAX_SCORES,
+        auto_kernel,
+        matmul_attention,
+        sdpa_attention,
+    )
 
-    def pick(dtype, n):
-        x = torch.zeros(1, 1, n, 8, dtype=dtype)
+    def pick(dtype, n, batch=1, heads=1):
+        x = torch.empty(batch, heads, n, 8, dtype=dtype)
         return auto_kernel(x, x)
 
     assert pick(torch.bfloat16, 197) is matmul_attention
     assert pick(torch.float16, CPU_MATMUL_MAX_KEYS) is matmul_attention
     assert pick(torch.bfloat16, CPU_MATMUL_MAX_KEYS + 1) is sdpa_attention
     assert pick(torch.float32, 77) is sdpa_attention
+    # ViT-B/16's 12 heads over 196 patches: batch 128 keeps the scores under the bound, batch 256 does not
+    assert 128 * 12 * 196 * 196 <= CPU_MATMUL_MAX_SCORES < 256 * 12 * 196 * 196
+    assert pick(torch.bfloat16, 196, batch=128, heads=12) is matmul_attention
+    assert pick(torch.bfloat16, 196, batch=256, heads=12) is sdpa_attention
 
 
 def test_attention_mask_helper_values():

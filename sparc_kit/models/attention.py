@@ -63,12 +63,22 @@ def matmul_attention(q, k, v, mask):
 #: On the CPU in a 16-bit dtype, ``matmul`` beats the fused kernel up to about this many keys; past it, and in
 #: float32, ``sdpa`` is as fast or faster and keeps no N x N scores (``python benchmarks/attention.py``).
 CPU_MATMUL_MAX_KEYS = 640
+#: ... and while one call's [B, H, N, N] scores stay under this many elements (64M: 128 MiB in bf16, kept for
+#: the backward pass in every layer), so a large per-process batch does not trade memory for the speed.
+CPU_MATMUL_MAX_SCORES = 1 << 26
 
 
 def auto_kernel(q: torch.Tensor, k: torch.Tensor):
     """The kernel ``auto`` runs for these inputs: ``matmul`` on the CPU for 16-bit inputs over at most
-    :data:`CPU_MATMUL_MAX_KEYS` keys, ``sdpa`` everywhere else (on CUDA torch picks flash or memory-efficient)."""
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and k.shape[-2] <= CPU_MATMUL_MAX_KEYS:
+    :data:`CPU_MATMUL_MAX_KEYS` keys whose scores fit :data:`CPU_MATMUL_MAX_SCORES`, ``sdpa`` everywhere else
+    (on CUDA torch picks flash or memory-efficient)."""
+    scores = q.shape[:-1].numel() * k.shape[-2]
+    if (
+        q.device.type == "cpu"
+        and q.dtype in (torch.bfloat16, torch.float16)
+        and k.shape[-2] <= CPU_MATMUL_MAX_KEYS
+        and scores <= CPU_MATMUL_MAX_SCORES
+    ):
         return matmul_attention
     return sdpa_attention
 
