@@ -48,6 +48,7 @@ __all__ = [
     "CHECKPOINTS",
     "EVAL",
     "LOCK",
+    "ERROR_LOG",
     "LATEST",
     "MODEL_WEIGHTS",
     "TRAINER_STATE",
@@ -76,6 +77,7 @@ METRICS = "metrics.jsonl"  # one row per logged step
 CHECKPOINTS = "checkpoints"  # the step folders and the LATEST pointer
 EVAL = "eval"  # sparc eval's results, one NAME.json each
 LOCK = ".lock"  # locked by the training process for the whole run; holds its pid
+ERROR_LOG = "error.log"  # the traceback of an unexpected error that ended a start (error.rankN.log: process N)
 # a checkpoint folder
 LATEST = "latest"  # in CHECKPOINTS: the name of the newest complete step folder
 MODEL_WEIGHTS = "model.safetensors"

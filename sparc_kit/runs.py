@@ -11,8 +11,10 @@ disturbing it:
   a top-1 or R@1-like one first), its best value over the logged rows and ``RUN/eval/*.json``, in the direction
   its evaluator declares (:func:`~sparc_kit.ablate.report.default_mode`);
 - ``status``: ``running`` while a process holds the folder's lock (its pid from ``.lock``); else ``finished`` when
-  a checkpoint of the last step exists; else ``interrupted`` (stopped by Ctrl-C or SIGTERM, killed, or crashed:
-  the lock is released by the operating system when the process ends, whatever ended it);
+  a checkpoint of the last step exists; else ``failed`` when the run's last start ended on an unexpected error
+  (``RUN/error.log``, where ``sparc train`` writes the traceback, is at least as new as ``metrics.jsonl``); else
+  ``interrupted`` (stopped by Ctrl-C or SIGTERM, killed, or stopped by a run error such as a non-finite loss: the
+  lock is released by the operating system when the process ends, whatever ended it);
 - ``size``: the bytes of every file in the folder.
 
 A folder whose ``recipe.yaml`` cannot be read is passed over and reported in :attr:`RunList.skipped`.
@@ -28,7 +30,7 @@ from typing import Any
 import yaml
 
 from sparc_kit.ablate.report import default_metric, default_mode, eval_file_metrics, eval_file_tasks, row_eval_metrics
-from sparc_kit.checkpoint import CHECKPOINTS, LOCK, METRICS, RECIPE
+from sparc_kit.checkpoint import CHECKPOINTS, ERROR_LOG, LOCK, METRICS, RECIPE
 from sparc_kit.errors import SparcError
 from sparc_kit.evaluate.spec import spec_names
 from sparc_kit.train.run_folder import checkpoint_step, read_metrics
@@ -55,7 +57,7 @@ class RunSummary:
     best_value: float | None
     best_step: int | None
     best_mode: str | None  # "max" or "min"
-    status: str  # "running", "finished" or "interrupted"
+    status: str  # "running", "finished", "failed" or "interrupted"
     pid: int | None  # the training process, while running (-1: not known yet)
     size_bytes: int
 
@@ -102,6 +104,19 @@ def list_runs(root: str = ".") -> RunList:
     return found
 
 
+def _failed_last(run_dir: str) -> bool:
+    """Whether the traceback file is at least as new as the metrics: the last start ended on an unexpected error
+    (an older one belongs to a start that a later resume went past)."""
+    try:
+        failed_at = os.path.getmtime(os.path.join(run_dir, ERROR_LOG))
+    except OSError:
+        return False
+    try:
+        return failed_at >= os.path.getmtime(os.path.join(run_dir, METRICS))
+    except OSError:
+        return True  # failed before the first logged step
+
+
 def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
@@ -126,6 +141,8 @@ def summarize_run(run_dir: str) -> RunSummary:
         status = "running"
     elif isinstance(total, int) and ckpt >= total:
         status = "finished"
+    elif _failed_last(run_dir):
+        status = "failed"
     else:
         status = "interrupted"
     return RunSummary(

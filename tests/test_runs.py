@@ -177,3 +177,34 @@ def test_default_folder_is_runs_when_there_is_one(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     listing = json.loads(result.stdout)
     assert listing["root"] == "runs" and [r["path"] for r in listing["runs"]] == [os.path.join("runs", "r1")]
+
+
+def test_a_run_that_ended_on_an_unexpected_error_is_failed_until_a_resume_goes_past_it(tmp_path, monkeypatch):
+    """A real in-process run whose loss raises at its fourth step: exit 1 and RUN/error.log, listed ``failed``
+    with the steps it logged; a resume that trains on is no longer ``failed`` (its metrics are newer)."""
+    from sparc_kit.losses import SparcLoss
+
+    real_forward, calls = SparcLoss.forward, []
+
+    def breaks_at_step_4(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise ValueError("a bug in a loss")
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SparcLoss, "forward", breaks_at_step_4)
+    run = tmp_path / "runs" / "broken"
+    args = _argv(str(run), 6, "train.checkpoint_every=2")[1:]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert (run / "error.log").exists()
+    broken = _by_name(_listed(tmp_path / "runs"))["broken"]
+    rows = _rows(run)
+    assert (broken["status"], broken["step"], broken["checkpoint_step"]) == ("failed", 3, 2)
+    assert broken["last_loss"] == rows[-1]["loss"] and rows[-1]["step"] == 3
+
+    monkeypatch.setattr(SparcLoss, "forward", real_forward)
+    os.utime(run / "error.log", (time.time() - 60, time.time() - 60))  # the failure, a minute before the resume
+    resumed = CliRunner().invoke(app, args)  # resumes from step 2 (automatic), to the end
+    assert resumed.exit_code == 0, (resumed.output, resumed.exception)
+    assert _by_name(_listed(tmp_path / "runs"))["broken"]["status"] == "finished"

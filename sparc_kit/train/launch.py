@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from sparc_kit.checkpoint import ERROR_LOG
 from sparc_kit.engines import BatchLayout
 from sparc_kit.errors import EngineSetupError, RunError, SparcError
 from sparc_kit.io import atomic_write
@@ -278,7 +279,7 @@ def write_traceback(exc: BaseException, run_dir: str | None = None) -> str:
     )
     text = header + "".join(traceback.format_exception(exc))
     if run_dir is not None:
-        path = os.path.join(run_dir, "error.log" if rank == 0 else f"error.rank{rank}.log")
+        path = os.path.join(run_dir, ERROR_LOG if rank == 0 else f"error.rank{rank}.log")
         try:
             os.makedirs(run_dir, exist_ok=True)
             with open(path, "a") as f:
