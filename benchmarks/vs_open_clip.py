@@ -170,16 +170,21 @@ def build_open_clip(s: dict[str, int], precision: str, batch: dict[str, torch.Te
     return System("open_clip", step, sum(p.numel() for p in params))
 
 
-def gemm_rate(n: int = 4096, reps: int = 5) -> float:
-    """FLOP/s of an n^3 bf16 matrix product: the best of ``reps`` after one warm-up."""
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+def best_mm_seconds(a: torch.Tensor, b: torch.Tensor, reps: int) -> float:
+    """The shortest of ``reps`` timed ``a @ b`` after one warm-up."""
     torch.mm(a, b)
     best = math.inf
     for _ in range(reps):
         start = time.perf_counter()
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return best
+
+
+def gemm_rate(n: int = 4096, reps: int = 5) -> float:
+    """FLOP/s of an n^3 bf16 matrix product: the best of ``reps`` after one warm-up."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    return 2 * n**3 / best_mm_seconds(a, b, reps)
 
 
 def matrix_shapes(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[tuple[int, int, int], int]:
@@ -212,14 +217,8 @@ def shapes_gemm_rate(shapes: dict[tuple[int, int, int], int], reps: int = 3) -> 
         x, w, g = (torch.randn(*sz, dtype=torch.bfloat16) for sz in ((m, k), (n, k), (m, n)))
         products = ((x, w.t()), (g, w), (g.t(), x))
         for a, b in products:
-            torch.mm(a, b)
-            best = math.inf
-            for _ in range(reps):
-                start = time.perf_counter()
-                torch.mm(a, b)
-                best = min(best, time.perf_counter() - start)
             flops += count * 2 * m * k * n
-            seconds += count * best
+            seconds += count * best_mm_seconds(a, b, reps)
     return flops / seconds
 
 

@@ -12,13 +12,12 @@ A run folder keeps the vocabulary in its ``tokenizer.model`` (a header line, the
 from __future__ import annotations
 
 import io
-import os
 from typing import Iterable
 
 import torch
 
+from sparc_kit.data.tokenizer_base import TokenizerBase
 from sparc_kit.errors import DataError
-from sparc_kit.io import atomic_write
 
 __all__ = ["OpenClipTokenizer", "CLIP_MAGIC", "CLIP_VOCAB_SIZE", "CLIP_SOT_ID", "CLIP_EOT_ID"]
 
@@ -51,7 +50,7 @@ class _Pieces:
         return self.bpe.decoder.get(int(i), "")
 
 
-class OpenClipTokenizer:
+class OpenClipTokenizer(TokenizerBase):
     """CLIP's BPE with the interface of :class:`~sparc_kit.data.tokenizer.Tokenizer` (``tokenize``, ``__call__``,
     ``encode``, ``decode``, ``save``, ``vocab_size``, ``context_length``)."""
 
@@ -79,15 +78,9 @@ class OpenClipTokenizer:
         """From what :meth:`save` wrote (a run folder's ``tokenizer.model``)."""
         return cls(context_length=context_length, merges=data[len(CLIP_MAGIC):])
 
-    def save(self, path: str) -> None:
-        data = CLIP_MAGIC + self.merges
-        if "://" in path:
-            import fsspec
-
-            with fsspec.open(path, "wb") as f:
-                f.write(data)
-            return
-        atomic_write(os.fspath(path), data)
+    def file_bytes(self) -> bytes:
+        """A header line, then the gzipped BPE merges (what :meth:`save` writes)."""
+        return CLIP_MAGIC + self.merges
 
     @property
     def vocab_size(self) -> int:
@@ -104,19 +97,11 @@ class OpenClipTokenizer:
     def is_truncated(self, text: str) -> bool:
         return len(self._pieces(text)) + 2 > self.context_length
 
-    def truncated_fraction(self, texts: Iterable[str]) -> float:
-        texts = list(texts)
-        return sum(self.is_truncated(t) for t in texts) / max(len(texts), 1)
-
     def decode(self, ids: Iterable[int]) -> str:
         kept = [int(i) for i in ids]
         if CLIP_EOT_ID in kept:
             kept = kept[: kept.index(CLIP_EOT_ID)]
         return self.bpe.decode([i for i in kept if i != CLIP_SOT_ID]).strip()
-
-    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask, _ = self.tokenize(texts)
-        return ids, mask
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(ids [B, context_length], mask [B, context_length], how many were cut)``; padding is 0 after the end

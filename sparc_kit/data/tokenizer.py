@@ -15,15 +15,15 @@ import torch
 
 from sparc_kit.data.clip_tokenizer import CLIP_MAGIC, OpenClipTokenizer
 from sparc_kit.data.filesystems import check_url
+from sparc_kit.data.tokenizer_base import TokenizerBase
 from sparc_kit.errors import DataError
-from sparc_kit.io import atomic_write
 
 __all__ = ["Tokenizer", "PAD_ID", "UNK_ID", "BOS_ID", "EOS_ID"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
-class Tokenizer:
+class Tokenizer(TokenizerBase):
     """A SentencePiece model plus the padding / truncation policy of the text tower."""
 
     def __init__(self, model_proto: bytes, context_length: int = 55, lowercase: bool = True, add_eos: bool = True):
@@ -74,14 +74,9 @@ class Tokenizer:
             return OpenClipTokenizer.from_file_bytes(proto, context_length=context_length)  # type: ignore[return-value]
         return cls(proto, context_length=context_length, lowercase=lowercase, add_eos=add_eos)
 
-    def save(self, path: str) -> None:
-        """Write the SentencePiece model atomically (temporary file, then rename) when ``path`` is local."""
-        if "://" in path:
-            check_url(path, "tokenizer.path")
-            with fsspec.open(path, "wb") as f:
-                f.write(self.model_proto)
-            return
-        atomic_write(path, self.model_proto)
+    def file_bytes(self) -> bytes:
+        """The SentencePiece model (what :meth:`save` writes)."""
+        return self.model_proto
 
     # ------------------------------------------------------------------------------------------------- use
     @property
@@ -100,18 +95,8 @@ class Tokenizer:
         reserve = 1 if self.add_eos else 0
         return len(self.sp.encode(text.lower() if self.lowercase else text)) + reserve > self.context_length
 
-    def truncated_fraction(self, texts: Iterable[str]) -> float:
-        """The fraction of ``texts`` that do not fit ``context_length`` and lose their end."""
-        texts = list(texts)
-        return sum(self.is_truncated(t) for t in texts) / max(len(texts), 1)
-
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])
-
-    def __call__(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(token_ids [B, context_length] long, token_mask [B, context_length] bool)``."""
-        ids, mask, _ = self.tokenize(texts)
-        return ids, mask
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Like calling the tokenizer, plus how many of ``texts`` were truncated."""

@@ -107,7 +107,6 @@ class RunLoggers:
 
     def __init__(self, members: list[Logger]):
         self.members = members
-        self.wants_images = any(m.wants_images for m in members)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         metrics = {k: v for k, v in metrics.items() if k != "step"}

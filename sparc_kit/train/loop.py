@@ -341,11 +341,12 @@ def _train(
         )
 
     eval_model: list[torch.nn.Module] = []  # the fp32 copy evaluated when the engine shards or casts weights
+    draws_maps = wants_images(recipe)  # the same answer on every process, asked once
 
     def evaluate(step: int) -> dict[str, Any]:  # the recipe's evaluations, and the probe's heat maps
         final = step == total
         evals_due = bool(recipe.eval) and evaluations_due(recipe.eval, step, final)
-        maps_due = wants_images(recipe) and heatmaps_due(recipe, step)
+        maps_due = draws_maps and heatmaps_due(recipe, step)
         if not (evals_due or maps_due):
             return {}
         if engine.module_holds_full_weights:
