@@ -19,15 +19,19 @@ import torch
 import torch.distributed as dist
 
 
-def fixed_batch(recipe, batch_size: int, seed: int = 123) -> dict[str, torch.Tensor]:
+def fixed_batch(recipe, batch_size: int, seed: int = 123, longest: int | None = None) -> dict[str, torch.Tensor]:
     """A global batch that is a pure function of its arguments: random images, token ids and masks with
-    captions of different lengths (so the token counts differ between processes)."""
+    captions of different lengths (so the token counts differ between processes). With ``longest`` the first
+    caption has ``longest`` tokens and the others at most half as many, so the first half of the batch (rank 0's
+    part) holds a longer caption than the second."""
     g = torch.Generator().manual_seed(seed)
     size = recipe.model.vision.image_size
     length = recipe.tokenizer.context_length
     images = torch.randn(batch_size, 3, size, size, generator=g)
     token_ids = torch.randint(4, recipe.tokenizer.vocab_size, (batch_size, length), generator=g)
-    lengths = torch.randint(2, length + 1, (batch_size,), generator=g)
+    lengths = torch.randint(2, (longest // 2 if longest else length) + 1, (batch_size,), generator=g)
+    if longest:
+        lengths[0] = longest
     token_mask = torch.arange(length)[None, :] < lengths[:, None]
     token_ids = token_ids.masked_fill(~token_mask, 0)
     return {"images": images, "token_ids": token_ids, "token_mask": token_mask}
@@ -58,13 +62,17 @@ def run_grads(case: dict) -> None:
     engine = DDPEngine(device="cpu")
     layout = BatchLayout(recipe.train.batch_size, dist.get_world_size(), case["accum_steps"])
     engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=1e-3), layout)
-    batch = fixed_batch(recipe, recipe.train.batch_size)
+    batch = fixed_batch(recipe, recipe.train.batch_size, longest=case.get("longest"))
     rows = slice(engine.rank * layout.per_rank, (engine.rank + 1) * layout.per_rank)
+    seen: list[int] = []  # the token lengths the text tower was given (train.pad_to: longest cuts them)
+    module.model.text.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
     values, _ = compute_gradients(engine, {k: v[rows] for k, v in batch.items()}, case["accum_steps"])
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, seen)
     if engine.is_main:
         save_file(gradients_of(engine), case["out"])
         with open(case["out"] + ".json", "w") as f:
-            json.dump(values, f)
+            json.dump({"values": values, "seen": every}, f)
     engine.close()
 
 

@@ -40,6 +40,7 @@ DEEPSPEED = {
     "zero2_offload": ["engine.name=deepspeed", "engine.zero_stage=2", "engine.offload_optimizer=true"],
 }
 TOL = 1e-5
+CUT_CONTEXT = ["tokenizer.context_length=32"]
 BOUNDED_ENGINES = {"ddp": {}, "zero1": {"zero_stage": 1}, "zero2": {"zero_stage": 2}, "zero3": {"zero_stage": 3}}
 
 
@@ -90,6 +91,13 @@ def launched(tmp_path_factory):
         grads.append({
             "recipe": recipe, "overrides": overrides("train.batch_size=16"), "accum_steps": 4,
             "out": str(root / f"grads-{loss}.safetensors"),
+        })
+    # train.pad_to: longest with rank 0 holding a caption of 20 tokens and rank 1 none past 10: both must cut to
+    # the global longest (24 of 32 columns), or FILIP's gather of the tokens would not even match in shape
+    for recipe, extra in (("filip_tiny", ["loss.token_drop=0"]), ("sparc_tiny", [])):
+        grads.append({
+            "recipe": recipe, "overrides": overrides("train.batch_size=16", *CUT_CONTEXT, *extra), "accum_steps": 2,
+            "longest": 20, "out": str(root / f"grads-cut-{recipe}.safetensors"),
         })
     # the all-pairs baseline gathers patches and tokens (token drop off: its draws differ by process count)
     runs.append({
@@ -191,6 +199,19 @@ def test_accumulated_ddp_gradients_equal_the_full_batch_gradient(launched, loss)
     assert max_difference(got, reference) < TOL
 
 
+@pytest.mark.parametrize("recipe_name,extra", [("filip_tiny", ["loss.token_drop=0"]), ("sparc_tiny", [])])
+def test_two_processes_cut_the_padding_to_the_global_batchs_longest_caption(launched, recipe_name, extra):
+    """Rank 1's own captions would be cut to 16 columns; it is given the global 24 (one all-reduce), and the
+    gradients equal one process's on the whole batch at its full 32 columns."""
+    root, _, _ = launched
+    recipe = sparc_kit.load_recipe(recipe_name, overrides("train.batch_size=16", *CUT_CONTEXT, *extra))
+    out = root / f"grads-cut-{recipe_name}.safetensors"
+    seen = json.loads(Path(str(out) + ".json").read_text())["seen"]
+    assert seen == [[24] * 4, [24] * 4]  # 2 cached + 2 live micro-batches on each process
+    reference = full_batch_gradients(recipe, accum_steps=1, longest=20, pad_to="context_length")
+    assert max_difference(load_file(str(out)), reference) < TOL
+
+
 @pytest.mark.parametrize("run_name", ["zero3-eval-sparc", "ddp-accum-sparc"])
 def test_evaluation_during_a_multi_process_run_logs_what_one_process_logs(launched, tmp_path, run_name):
     """Evaluation runs on rank 0 while the others wait (no hang), on the consolidated fp32 weights for ZeRO-3."""
@@ -232,11 +253,12 @@ def test_a_zero3_run_folder_loads_consolidates_and_evaluates_like_any_other(laun
 # gradient accumulation in one process
 
 
-def full_batch_gradients(recipe, accum_steps: int) -> dict[str, torch.Tensor]:
+def full_batch_gradients(recipe, accum_steps: int, longest: int | None = None, pad_to: str = "longest"):
     module = worker.build_module(recipe)
     engine = LocalEngine(device="cpu")
     engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=1e-3), BatchLayout(recipe.train.batch_size))
-    compute_gradients(engine, worker.fixed_batch(recipe, recipe.train.batch_size), accum_steps)
+    batch = worker.fixed_batch(recipe, recipe.train.batch_size, longest=longest)
+    compute_gradients(engine, batch, accum_steps, pad_to=pad_to)
     return worker.gradients_of(engine)
 
 

@@ -245,7 +245,8 @@ def test_override_recipe_name_keeps_the_recipe():
 def test_problems_unknown_key_with_did_you_mean_and_accepted_keys():
     assert problems_of("sparc_tiny", ["train.stpes=5"]) == [
         "train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, batch_size, accum_steps, seed, "
-        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe."
+        "precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, pad_to, "
+        "compile, loggers, probe."
     ]
 
 

@@ -127,6 +127,12 @@ class TrainConfig(Strict):
     max_skip_fraction: float = Field(
         0.1, ge=0, le=1, description="stop when more than this fraction of the samples read so far were unreadable"
     )
+    pad_to: Literal["longest", "context_length"] = Field(
+        "longest",
+        description="longest: each step's captions are cut to the longest one in the global batch (rounded up to "
+        "a multiple of 8), so the text tower skips columns that are padding in every caption: the same loss and "
+        "gradients, less work; context_length: every step keeps the tokenizer's full length (open_clip's way)",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each transformer block of both towers (regional compilation); pays off on long "

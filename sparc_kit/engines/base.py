@@ -278,6 +278,16 @@ class Engine:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
         return (out / self.world_size).to(tensor.device)
 
+    def all_reduce_max(self, value: int) -> int:
+        """The largest ``value`` over processes (``value`` itself without other processes)."""
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+
+        out = torch.tensor([value], device=self.device)  # nccl reduces device tensors only
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return int(out.item())
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist

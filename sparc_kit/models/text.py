@@ -44,6 +44,8 @@ class TextTransformer(TransformerTower):
     is applied to every token (CLIP's ``ln_final``). Paper size: width 768, depth 12, heads 12, 55 tokens.
     """
 
+    accepts_shorter_context = True  # token ids [B, n] with n < context_length: train.pad_to: longest cuts them
+
     def __init__(
         self,
         vocab_size: int | None = None,

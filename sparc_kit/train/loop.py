@@ -406,6 +406,7 @@ def _train(
                         step=upcoming,
                         last_finite=state.last_finite,
                         extras={"stop": float(stop.requested)},
+                        pad_to=cfg_train.pad_to,
                     )
                 state.step += 1
                 state.last_finite = state.step

@@ -25,6 +25,7 @@ import torch
 from sparc_kit.engines.base import NonFiniteGradient
 from sparc_kit.errors import RunError
 from sparc_kit.train.module import snapshot_rng
+from sparc_kit.train.padding import accepts_shorter_context, trim_padding
 
 __all__ = [
     "train_step",
@@ -106,13 +107,20 @@ def compute_gradients(
     step: int | None = None,
     last_finite: int | None = None,
     extras: dict[str, float] | None = None,
+    pad_to: str = "longest",
 ) -> tuple[dict[str, float], dict[str, float]]:
     """Forward and backward of one batch (this process's part of the global batch) through ``engine``.
 
     Returns the loss terms averaged over processes and the averaged ``extras``. Raises
     :class:`NonFiniteLossError` on every process, before any backward, when the loss is not finite anywhere.
+    ``pad_to="longest"`` first cuts the captions to the global batch's longest (:mod:`sparc_kit.train.padding`);
+    ``"context_length"`` keeps them as they come.
     """
     extras = dict(extras or {})
+    if pad_to == "longest" and accepts_shorter_context(engine.unwrap()):
+        batch = trim_padding(engine, batch)
+    elif pad_to not in ("longest", "context_length"):
+        raise ValueError(f"pad_to must be 'longest' or 'context_length', got {pad_to!r}")
     if accum_steps <= 1:
         with engine.autocast():
             terms = engine(**batch)
@@ -176,10 +184,11 @@ def train_step(
     step: int | None = None,
     last_finite: int | None = None,
     extras: dict[str, float] | None = None,
+    pad_to: str = "longest",
 ) -> StepResult:
     """One optimizer step on one batch: :func:`compute_gradients`, then ``engine.step(grad_clip)``."""
     values, extras_out = compute_gradients(
-        engine, batch, accum_steps, step=step, last_finite=last_finite, extras=extras
+        engine, batch, accum_steps, step=step, last_finite=last_finite, extras=extras, pad_to=pad_to
     )
     try:
         grad_norm = engine.step(grad_clip)
