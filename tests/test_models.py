@@ -728,3 +728,24 @@ def test_compile_blocks_marks_every_block_and_keeps_the_state_dict_names():
     blocks = [m for m in model.modules() if type(m).__name__ == "Block"]
     assert len(blocks) == count and all(b._compiled_call_impl is not None for b in blocks)
     assert list(model.state_dict()) == before
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("size", [(32, 32), (35, 29)])  # the second leaves rows and columns past the last patch
+def test_patch_embedding_equals_the_strided_convolution(bias, size):
+    """The patch embedding (one matrix product over unfolded patches) against torch's conv2d with the same
+    weights: outputs and weight gradients, a channels-last input included."""
+    from sparc_kit.models.vit import embed_patches
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 24, kernel_size=8, stride=8, bias=bias).double()
+    images = torch.randn(2, 3, *size, dtype=torch.float64)
+    expected = F.conv2d(images, conv.weight, conv.bias, stride=8).flatten(2).transpose(1, 2)
+    got = embed_patches(images, conv)
+    assert got.shape == expected.shape == (2, (size[0] // 8) * (size[1] // 8), 24)
+    assert float((got - expected).detach().abs().max()) < 1e-12
+    assert torch.allclose(embed_patches(images.to(memory_format=torch.channels_last), conv), expected, atol=1e-12)
+    upstream = torch.randn_like(expected)
+    (w_ref,) = torch.autograd.grad((expected * upstream).sum(), conv.weight)
+    (w_got,) = torch.autograd.grad((embed_patches(images, conv) * upstream).sum(), conv.weight)
+    assert float((w_got - w_ref).abs().max()) < 1e-10
