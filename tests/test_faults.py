@@ -387,26 +387,33 @@ class _TwoParameters(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.tensor([[1.0]]))
 
 
-def _step_with(grads: tuple[list[float], list[list[float]]], grad_clip):
+def _step_with(grads: tuple[list[float], list[list[float]]], grad_clip, impl: str = "auto"):
     """One LocalEngine step of AdamW (lr 0.1, eps 1, no weight decay) on known gradients; returns the logged norm,
-    the gradients the optimizer was handed, and the parameters after the update."""
+    the gradients the optimizer applies (the fused AdamW is handed the clipping as its ``grad_scale``, which it
+    divides every gradient by), and the parameters after the update."""
     module = _TwoParameters()
     engine = LocalEngine(device="cpu")
-    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=0.1, betas=(0.9, 0.98), eps=1.0))
+    engine.setup(module, OptimizerSpec(param_groups(module, 0.0), lr=0.1, betas=(0.9, 0.98), eps=1.0, impl=impl))
     module.a.grad, module.b.grad = torch.tensor(grads[0]), torch.tensor(grads[1])
     handed = []
-    engine.optimizer.register_step_pre_hook(lambda opt, args, kwargs: handed.append(
-        (module.a.grad.tolist(), module.b.grad.tolist())))
+
+    def applied(opt, args, kwargs):
+        scale = getattr(opt, "grad_scale", None)
+        s = 1.0 if scale is None else float(scale)
+        handed.append(([g / s for g in module.a.grad.tolist()], [[g / s for g in module.b.grad.tolist()[0]]]))
+
+    engine.optimizer.register_step_pre_hook(applied)
     norm = engine.step(grad_clip)
     return norm, handed[0], (module.a.detach().tolist(), module.b.detach().tolist())
 
 
-def test_global_norm_clipping_by_hand():
+@pytest.mark.parametrize("impl", ["fused", "foreach", "for_loop"])
+def test_global_norm_clipping_by_hand(impl):
     """Gradients (3, 4) and (12): global norm sqrt(9 + 16 + 144) = 13. With grad_clip 1 every gradient is scaled by
     min(1, 1 / (13 + 1e-6)) (torch's clip_grad_norm_ rule) to (3/13, 4/13) and (12/13); the logged norm is the one
     before clipping. AdamW's first update is lr * g / (|g| + eps) = 0.1 * g / (g + 1) for g > 0: 0.1 * 3/16,
     0.1 * 4/17, 0.1 * 12/25."""
-    norm, handed, after = _step_with(([3.0, 4.0], [[12.0]]), grad_clip=1.0)
+    norm, handed, after = _step_with(([3.0, 4.0], [[12.0]]), grad_clip=1.0, impl=impl)
     assert norm == 13.0
     assert handed[0] == pytest.approx([3 / 13, 4 / 13], rel=1e-6)
     assert handed[1][0] == pytest.approx([12 / 13], rel=1e-6)
@@ -414,11 +421,12 @@ def test_global_norm_clipping_by_hand():
     assert after[1][0] == pytest.approx([1 - 0.048], rel=1e-6)
 
 
-def test_a_norm_under_the_clip_and_no_clip_leave_gradients_alone():
-    norm, handed, _ = _step_with(([0.3, 0.4], [[0.0]]), grad_clip=1.0)  # norm 0.5 < 1: factor min(1, 1/0.5) = 1
+@pytest.mark.parametrize("impl", ["fused", "for_loop"])
+def test_a_norm_under_the_clip_and_no_clip_leave_gradients_alone(impl):
+    norm, handed, _ = _step_with(([0.3, 0.4], [[0.0]]), grad_clip=1.0, impl=impl)  # norm 0.5 < 1: factor 1
     assert norm == pytest.approx(0.5, rel=1e-7)
     assert handed == ([pytest.approx(0.3), pytest.approx(0.4)], [[0.0]])
-    norm, handed, after = _step_with(([3.0, 4.0], [[12.0]]), grad_clip=None)
+    norm, handed, after = _step_with(([3.0, 4.0], [[12.0]]), grad_clip=None, impl=impl)
     assert norm == 13.0 and handed == ([3.0, 4.0], [[12.0]])
     assert after[0] == pytest.approx([1 - 0.1 * 3 / 4, 1 - 0.1 * 4 / 5], rel=1e-6)  # lr * g / (g + 1)
     assert math.isclose(after[1][0][0], 1 - 0.1 * 12 / 13, rel_tol=1e-6)

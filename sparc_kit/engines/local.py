@@ -62,16 +62,31 @@ class LocalEngine(Engine):
             )
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteGradient(bad)
-        if grad_clip is not None:  # torch's clip_grad_norm_ rule, with the norm already in hand
-            coefficient = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
-            for g in grads:
-                g.mul_(coefficient)
-        self.optimizer.step()
+        total = float(norm)
+        coefficient = min(1.0, grad_clip / (total + 1e-6)) if grad_clip is not None else 1.0  # clip_grad_norm_'s rule
+        if coefficient < 1.0 and self._fused():
+            # the fused AdamW divides every gradient by ``grad_scale`` as it reads it (the hook GradScaler uses):
+            # the clipping without a pass of its own over the gradients (docs/performance.md)
+            self.optimizer.grad_scale = torch.tensor(1.0 / coefficient, device=norm.device)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale
+        else:
+            if coefficient < 1.0:
+                torch._foreach_mul_(grads, coefficient)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # after the update, as open_clip clamps its temperature: gradients still flow
             for p, low, high in self.bounded:
                 p.clamp_(low, high)
-        return float(norm)
+        return total
+
+    def _fused(self) -> bool:
+        """Whether the optimizer is torch's fused AdamW/Adam, whose step takes a ``grad_scale``."""
+        return isinstance(self.optimizer, (torch.optim.AdamW, torch.optim.Adam)) and all(
+            group.get("fused") for group in self.optimizer.param_groups
+        )
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
