@@ -2,14 +2,16 @@
 
     python benchmarks/vs_open_clip.py [--steps 6] [--precisions fp32,bf16]
                                       [--systems open_clip,sparc_clip,sparc_sparc] [--tiny] [--threads N]
-                                      [--out FILE.json]
+                                      [--caption-tokens N] [--out FILE.json]
 
 open_clip is optional (the ``bench`` extra): ``pip install 'sparc-kit[bench]'`` or ``pip install open_clip_torch``.
 Without it the open_clip rows are skipped and the sparc-kit rows are still measured (their ratios then have no
 baseline).
 
 Three systems train the same shape (ViT-B/16 at 224 px, a 12-layer width-512 text tower with 8 heads over 77
-tokens, embed dim 512; random init, synthetic random images and token ids, nothing downloaded):
+tokens, embed dim 512; random init, synthetic random images and token ids, nothing downloaded; every caption fills
+the 77 tokens, or with ``--caption-tokens N`` has N real tokens and padding, where sparc-kit's ``train.pad_to:
+longest`` cuts the padding and open_clip runs the whole context):
 
 - ``open_clip``: ``open_clip.create_model("ViT-B-16")``, ``open_clip.loss.ClipLoss``, ``torch.optim.AdamW``
   (open_clip's training script's groups: no decay on gains, biases and the logit scale), clipping at the recipe's
@@ -83,14 +85,19 @@ def sparc_overrides(s: dict[str, int], precision: str) -> list[str]:
     ]
 
 
-def synthetic_batch(s: dict[str, int]) -> dict[str, torch.Tensor]:
+def synthetic_batch(s: dict[str, int], caption_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """Random images and token ids. Every caption fills the context, or with ``caption_tokens`` each has that many
+    real tokens (the last the end-of-text id, the vocabulary's highest, where open_clip pools) and then id-0
+    padding, as a tokenizer pads a short caption."""
     g = torch.Generator().manual_seed(0)
-    b, size = s["batch"], s["image"]
-    return {
-        "images": torch.randn(b, 3, size, size, generator=g),
-        "token_ids": torch.randint(1, s["vocab"], (b, s["context"]), generator=g),
-        "token_mask": torch.ones(b, s["context"], dtype=torch.bool),  # every caption fills the context
-    }
+    b, size, context = s["batch"], s["image"], s["context"]
+    ids = torch.randint(1, s["vocab"] - 1, (b, context), generator=g)
+    mask = torch.ones(b, context, dtype=torch.bool)
+    if caption_tokens is not None:
+        mask = torch.arange(context)[None, :].expand(b, -1) < caption_tokens
+        ids = ids.masked_fill(~mask, 0)
+        ids[:, caption_tokens - 1] = s["vocab"] - 1
+    return {"images": torch.randn(b, 3, size, size, generator=g), "token_ids": ids, "token_mask": mask}
 
 
 def recipe_optim(s: dict[str, int]):
@@ -236,8 +243,9 @@ def commit() -> str:
     return sha.stdout.strip() + (" (sparc_kit/ has uncommitted edits)" if dirty.stdout.strip() else "")
 
 
-def measure(precision: str, names: list[str], s: dict[str, int], steps: int, optim) -> list[System]:
-    batch = synthetic_batch(s)
+def measure(precision: str, names: list[str], s: dict[str, int], steps: int, optim,
+            caption_tokens: int | None = None) -> list[System]:
+    batch = synthetic_batch(s, caption_tokens)
     systems = [build_open_clip(s, precision, batch, optim) if n == "open_clip" else build_sparc(n, s, precision, batch)
                for n in names]
     for system in systems:  # warm-up 1, counted; warm-up 2, plain
@@ -261,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--systems", default=",".join(SYSTEMS))
     parser.add_argument("--tiny", action="store_true", help="a tiny shape (the smoke test); not a measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--caption-tokens", type=int, default=None,
+                        help="real tokens per caption, the rest padding (default: every caption fills the context). "
+                        "sparc-kit cuts the padding (train.pad_to: longest), open_clip runs all 77 tokens")
     parser.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/vs_open_clip.json)")
     args = parser.parse_args(argv)
 
@@ -278,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
             names.remove("open_clip")
     precisions = [p for p in args.precisions.split(",") if p]
     s = shape(args.tiny)
+    if args.caption_tokens is not None and not 1 <= args.caption_tokens <= s["context"]:
+        parser.error(f"--caption-tokens must be between 1 and the context length {s['context']}")
     optim = recipe_optim(s)
     threads, measured = torch.get_num_threads(), commit()  # the commit at start (another may land meanwhile)
     print(f"\nopen_clip against sparc-kit, {'TINY shape' if args.tiny else 'ViT-B/16 224 px, text 12 x 512, 77 tokens'}"
+          f"{'' if args.caption_tokens is None else f' ({args.caption_tokens} real)'}"
           f", batch {s['batch']}, {args.steps} interleaved steps after 2 warm-up, CPU {threads} threads, "
           f"torch {torch.__version__}, sparc-kit commit {measured}")
     print(f"AdamW lr {optim.lr}, betas {tuple(optim.betas)}, eps {optim.eps}, weight decay {optim.weight_decay}, "
@@ -290,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[System]] = {}
     for precision in precisions:
         print(f"measuring {precision}: {', '.join(names)} ...", flush=True)
-        results[precision] = measure(precision, names, s, args.steps, optim)
+        results[precision] = measure(precision, names, s, args.steps, optim, args.caption_tokens)
     rate_after = gemm_rate(1024 if args.tiny else 4096)
     rate = max(rate_before, rate_after)
     probe = next((x for p in results.values() for x in p if x.module is not None), None)
@@ -337,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": measured, "torch": torch.__version__, "threads": threads, "cpu": platform.processor() or None,
-        "cpus": os.cpu_count(), "tiny": args.tiny, "shape": s, "steps": args.steps, "warmup_steps": 2,
+        "cpus": os.cpu_count(), "tiny": args.tiny, "shape": s, "caption_tokens": args.caption_tokens,
+        "steps": args.steps, "warmup_steps": 2,
         "optim": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
                   "grad_clip": optim.grad_clip},
         "open_clip": _version("open_clip"),

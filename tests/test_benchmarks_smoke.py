@@ -27,3 +27,22 @@ def test_smoke_vs_open_clip_tiny_without_open_clip(tmp_path):
         (s, p) for s in ("sparc_clip", "sparc_sparc") for p in ("fp32", "bf16")
     }
     assert all(r["step_flops"] > 0 and r["time_x_open_clip"] is None for r in record["rows"])
+
+
+@pytest.mark.smoke
+def test_smoke_vs_open_clip_short_captions_cost_sparc_kit_fewer_flops(tmp_path):
+    """With --caption-tokens the text tower is given the cut length (train.pad_to: longest): fewer FLOPs per step
+    than with captions that fill the context, counted by FlopCounterMode in the benchmark itself."""
+    flops = {}
+    for name, extra in (("full", []), ("short", ["--caption-tokens", "5"])):
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--tiny", "--steps", "1", "--threads", "1", "--systems", "sparc_sparc",
+             "--precisions", "fp32", "--out", str(out), *extra],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        record = json.loads(out.read_text())
+        flops[name] = record["rows"][0]["step_flops"]
+        assert record["caption_tokens"] == (5 if name == "short" else None)
+    assert flops["short"] < flops["full"]
