@@ -74,7 +74,8 @@ class LocalEngine(Engine):
                 del self.optimizer.grad_scale
         else:
             if coefficient < 1.0:
-                torch._foreach_mul_(grads, coefficient)
+                for g in grads:
+                    g.mul_(coefficient)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # after the update, as open_clip clamps its temperature: gradients still flow
