@@ -27,6 +27,7 @@ def test_smoke_vs_open_clip_tiny_without_open_clip(tmp_path):
         (s, p) for s in ("sparc_clip", "sparc_sparc") for p in ("fp32", "bf16")
     }
     assert all(r["step_flops"] > 0 and r["time_x_open_clip"] is None for r in record["rows"])
+    assert record["device"] == "cpu" and all(r["mfu"] is None for r in record["rows"])  # no datasheet peak for a CPU
 
 
 @pytest.mark.smoke

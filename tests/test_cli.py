@@ -62,7 +62,7 @@ def test_unknown_key_line(cli, in_tmp):
         cli("train", "bad.yaml"),
         [
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe."
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, pad_to, compile, loggers, probe."
         ],
     )
     assert not (in_tmp / "runs").exists()
@@ -118,7 +118,7 @@ def test_several_problems_each_on_its_own_line(cli, in_tmp):
             "integer",
             "error: bad.yaml: train.batch_size: got 0; input should be greater than 0",
             "error: bad.yaml: train.stpes: unknown key (value 5). Did you mean 'steps'? Accepted keys: steps, "
-            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, compile, loggers, probe.",
+            "batch_size, accum_steps, seed, precision, device, num_workers, log_every, checkpoint_every, keep_checkpoints, max_skip_fraction, pad_to, compile, loggers, probe.",
         ],
     )
 

@@ -139,3 +139,40 @@ def test_a_run_with_pad_to_longest_trains_the_weights_of_the_full_length(tmp_pat
     a = [row["loss"] for row in read_metrics(os.path.join(runs["longest"], "metrics.jsonl")) if "loss" in row]
     b = [row["loss"] for row in read_metrics(os.path.join(runs["context_length"], "metrics.jsonl")) if "loss" in row]
     assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_encode_text_cuts_the_padding_with_the_embeddings_of_the_full_length(monkeypatch):
+    """What the evaluators and ``load_pretrained`` users call: the same unit embeddings, fewer columns."""
+    recipe = sparc_kit.load_recipe("sparc_tiny", [*MICRO, CONTEXT, "model.text.causal=true"])
+    model = worker.build_module(recipe).model.eval()
+    batch = short_batch(recipe, 6, longest=9)
+    seen: list[int] = []
+    model.text.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        cut = model.encode_text(batch["token_ids"], batch["token_mask"])
+        monkeypatch.setattr(TextTransformer, "accepts_shorter_context", False)
+        full = model.encode_text(batch["token_ids"], batch["token_mask"])
+    assert seen == [16, 32]
+    assert float((cut - full).abs().max()) < 1e-6
+
+
+def test_a_traced_encode_text_does_not_keep_the_example_batchs_length():
+    """torch.jit.trace records a data-dependent length as a constant, so tracing leaves the cut out: a trace made
+    on short captions still embeds long ones as the eager model does."""
+    recipe = sparc_kit.load_recipe("sparc_tiny", [*MICRO, CONTEXT])
+    model = worker.build_module(recipe).model.eval()
+
+    class Text(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m.encode_text(ids, mask)
+
+    short, long = short_batch(recipe, 4, longest=5), short_batch(recipe, 4, longest=30, seed=8)
+    with torch.no_grad():
+        traced = torch.jit.trace(Text(model), (short["token_ids"], short["token_mask"]), check_trace=False)
+        eager = model.encode_text(long["token_ids"], long["token_mask"])
+        got = traced(long["token_ids"], long["token_mask"])
+    assert float((got - eager).abs().max()) < 1e-6

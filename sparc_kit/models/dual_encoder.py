@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from sparc_kit.data.tokenizer import PAD_ID
 from sparc_kit.models.attention import init_weights
+from sparc_kit.models.text import cut_padding
 
 __all__ = ["DualEncoder"]
 
@@ -102,7 +103,17 @@ class DualEncoder(nn.Module):
     def encode_text(
         self, token_ids: torch.Tensor, token_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
-        """Global text embeddings [B, E]; ``token_mask`` defaults to ``token_ids != PAD_ID``."""
+        """Global text embeddings [B, E]; ``token_mask`` defaults to ``token_ids != PAD_ID``.
+
+        The columns that are padding in every caption are cut first when the text tower accepts a shorter
+        sequence (the built-in one does; the embeddings are the same, the work on padding goes), except while
+        tracing, where a data-dependent length would be recorded as a constant."""
+        if token_mask is None:
+            token_mask = token_ids != PAD_ID
+        if getattr(type(self.text), "accepts_shorter_context", False) and not (
+            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        ):
+            token_ids, token_mask = cut_padding(token_ids, token_mask)
         out = self.text_features(token_ids, token_mask)["text_embeds"]
         return F.normalize(out, dim=-1) if normalize else out
 

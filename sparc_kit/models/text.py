@@ -23,7 +23,36 @@ def check_text_transformer(recipe: Any, path: str) -> list[str]:
     t = recipe.model.text
     return divisibility_problems(path, t.width, t.heads)
 
-__all__ = ["TextTransformer"]
+__all__ = ["TextTransformer", "PAD_MULTIPLE", "longest_caption", "cut_length", "cut_padding"]
+
+#: a cut length is rounded up to this (steadier matrix shapes; few distinct shapes for torch.compile)
+PAD_MULTIPLE = 8
+
+
+def longest_caption(token_mask: torch.Tensor) -> int:
+    """One past the last column of ``token_mask`` [B, L] holding a real token of any caption (0 for none)."""
+    used = token_mask.bool().any(dim=0)  # [L]
+    if not bool(used.any()):
+        return 0
+    return int(used.nonzero().max()) + 1
+
+
+def cut_length(longest: int, context: int, multiple: int = PAD_MULTIPLE) -> int:
+    """``longest`` rounded up to ``multiple``, at least ``multiple`` and at most ``context``."""
+    return min(context, max(multiple, -(-longest // multiple) * multiple))
+
+
+def cut_padding(token_ids: torch.Tensor, token_mask: torch.Tensor, length: int | None = None):
+    """``token_ids`` and ``token_mask`` [B, L] without the columns that are padding in every caption (cut at
+    ``length`` when given, else at :func:`cut_length` of this batch's longest caption). For a text tower that
+    accepts a shorter sequence (``accepts_shorter_context``) the real tokens' features are the same: padded
+    positions are masked as keys, and come after every real token under a causal mask."""
+    context = token_ids.shape[1]
+    if length is None:
+        length = cut_length(longest_caption(token_mask), context)
+    if length >= context:
+        return token_ids, token_mask
+    return token_ids[:, :length], token_mask[:, :length]
 
 
 @text_encoders.register(

@@ -18,27 +18,13 @@ FILIP's token drop draws its random numbers over the cut columns, so its draws d
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
+from sparc_kit.models.text import PAD_MULTIPLE, cut_length, cut_padding, longest_caption
+
 __all__ = ["PAD_MULTIPLE", "longest_caption", "cut_length", "trim_padding", "accepts_shorter_context"]
-
-PAD_MULTIPLE = 8
-
-
-def longest_caption(token_mask: torch.Tensor) -> int:
-    """One past the last column of ``token_mask`` [B, L] holding a real token of any caption (0 for none)."""
-    used = token_mask.bool().any(dim=0)  # [L]
-    if not bool(used.any()):
-        return 0
-    return int(used.nonzero().max()) + 1
-
-
-def cut_length(longest: int, context: int, multiple: int = PAD_MULTIPLE) -> int:
-    """``longest`` rounded up to ``multiple``, at least ``multiple`` and at most ``context``."""
-    return min(context, max(multiple, math.ceil(longest / multiple) * multiple))
 
 
 def accepts_shorter_context(module: Any) -> bool:
@@ -53,8 +39,8 @@ def trim_padding(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     mask = batch.get("token_mask")
     if mask is None or "token_ids" not in batch or mask.ndim != 2:
         return batch
-    context = mask.shape[1]
-    length = cut_length(engine.all_reduce_max(longest_caption(mask)), context)
-    if length >= context:
+    length = cut_length(engine.all_reduce_max(longest_caption(mask)), mask.shape[1])
+    if length >= mask.shape[1]:
         return batch
-    return {**batch, "token_ids": batch["token_ids"][:, :length], "token_mask": mask[:, :length]}
+    token_ids, token_mask = cut_padding(batch["token_ids"], mask, length)
+    return {**batch, "token_ids": token_ids, "token_mask": token_mask}
