@@ -67,7 +67,7 @@ SYSTEMS = ("open_clip", "sparc_clip", "sparc_sparc")
 OPTIONAL_SYSTEMS = ("sparc_sparc_compile", "sparc_sparc_xformers")
 RECIPES = {"sparc_clip": "clip_b16", "sparc_sparc": "sparc_b16", "sparc_sparc_compile": "sparc_b16",
            "sparc_sparc_xformers": "sparc_b16"}
-EXTRA_OVERRIDES = {"sparc_sparc_xformers": ["model.vision.attention=xformers", "model.text.attention=xformers"]}
+EXTRA_OVERRIDES = {"sparc_sparc_xformers": ["model.attention=xformers"]}
 
 #: dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity), for MFU on CUDA; matched
 #: against torch.cuda.get_device_name() in this order

@@ -47,3 +47,20 @@ def test_smoke_vs_open_clip_short_captions_cost_sparc_kit_fewer_flops(tmp_path):
         flops[name] = record["rows"][0]["step_flops"]
         assert record["caption_tokens"] == (5 if name == "short" else None)
     assert flops["short"] < flops["full"]
+
+
+@pytest.mark.smoke
+def test_smoke_every_vs_open_clip_system_is_a_valid_recipe():
+    """The systems the benchmark can only run elsewhere (xformers on CUDA) still name real recipe keys."""
+    import importlib.util
+
+    import sparc_kit
+
+    spec = importlib.util.spec_from_file_location("vs_open_clip", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for name, recipe in bench.RECIPES.items():
+        overrides = [*bench.sparc_overrides(bench.shape(False), "bf16", "cuda"), *bench.EXTRA_OVERRIDES.get(name, [])]
+        loaded = sparc_kit.load_recipe(recipe, overrides)
+        assert loaded.train.device == "cuda"
+        assert loaded.model.attention == ("xformers" if name.endswith("_xformers") else "auto")
