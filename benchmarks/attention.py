@@ -1,6 +1,7 @@
 """Attention kernels per sequence length: forward + backward of each backend, interleaved, with ``auto``'s pick.
 
-    python benchmarks/attention.py [--repeats 7] [--dtypes fp32,bf16] [--out benchmarks/results/attention.json]
+    python benchmarks/attention.py [--repeats 7] [--dtypes fp32,bf16] [--max-tokens 4096]
+                                   [--out benchmarks/results/attention.json]
 
 Shapes: the ViT-B/16 image tower (12 heads of 64 over 196 patches, 197 with a class token), open_clip's text
 tower (8 heads of 64 over 77 causal tokens), then longer sequences (ViT-L/14 at 336 px: 577; 1,025; 2,048) to
@@ -73,7 +74,7 @@ def main() -> None:
                     if r:
                         times[name].append(t)
             med = {k: statistics.median(v) for k, v in times.items()}
-            probe = torch.zeros(1, 1, shape[3], shape[4], dtype=dtype, device=device)
+            probe = torch.zeros(shape[1], shape[2], shape[3], shape[4], dtype=dtype, device=device)
             ran = auto_kernel(probe, probe).__name__.replace("_attention", "")
             row = dict(shape=shape[0], batch=shape[1], heads=shape[2], tokens=shape[3], dtype=dname,
                        ms={k: v * 1e3 for k, v in med.items()}, matmul_x_sdpa=med["sdpa"] / med["matmul"],

@@ -1,7 +1,7 @@
 """Cost of each loss over CLIP's: forward+backward time and peak memory against the batch size.
 
     python benchmarks/loss_cost.py [--batches 32,64,128,256] [--losses clip,sparc,...] [--chunk 32]
-                                   [--patches 196] [--tokens 32] [--dim 256]
+                                   [--patches 196] [--tokens 32] [--dim 256] [--diagnostics]
 
 The paper's Table 11 reports SPARC at +0.5% FLOPs and memory over CLIP at B = 16,384, and FILIP at about 3x the
 FLOPs and 1.8x the memory. This measures the losses alone (the towers excluded, since they cost the same for
@@ -35,8 +35,8 @@ def measure(name: str, batch: int, patches: int, tokens: int, dim: int, reps: in
     from sparc_kit.registry import losses
 
     torch.manual_seed(0)
-    base, _, chunk = name.partition("@chunk")
-    entry = losses.get(base)
+    loss_name, _, chunk = name.partition("@chunk")
+    entry = losses.get(loss_name)
     loss_fn = entry.build({"chunk_size": int(chunk)} if chunk else {}, offer={"embed_dim": dim})
     loss_fn.eval()  # FILIP's token dropping off: the same work every repetition
     lengths = torch.randint(tokens // 2, tokens + 1, (batch,))

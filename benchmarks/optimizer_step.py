@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -33,6 +34,31 @@ def parameters(millions: float, device: torch.device) -> list[torch.nn.Parameter
     for p in params:
         p.grad = torch.randn_like(p)
     return params
+
+
+def interleaved(ways: dict[str, Callable[[], None]], repeats: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each way per round: ``repeats`` rounds, each timing every way once, in turn (synchronised on
+    CUDA)."""
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, way in ways.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            way()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def print_table(title: str, column: str, times: dict[str, list[float]], base: str) -> None:
+    """The median of each way in ms and its speed against ``base``'s."""
+    print(title)
+    print(f"{column:<18} {'ms':>8} {'vs ' + base:>14}")
+    reference = statistics.median(times[base])
+    for name, ts in times.items():
+        print(f"{name:<18} {statistics.median(ts) * 1000:>8.1f} {reference / statistics.median(ts):>13.2f}x")
 
 
 def clipped(millions: float, repeats: int, device: torch.device) -> None:
@@ -53,22 +79,11 @@ def clipped(millions: float, repeats: int, device: torch.device) -> None:
     ways = {"scale, then step": scale_then_step, "grad_scale": grad_scale}
     for way in ways.values():
         way()  # state allocated, kernels warm
-    times: dict[str, list[float]] = {name: [] for name in ways}
-    for _ in range(repeats):
-        for name, way in ways.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            way()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["scale, then step"])
-    print(f"fused AdamW step with clipping, {sum(p.numel() for p in params) / 1e6:.0f}M parameters on "
-          f"{device.type}, {torch.get_num_threads()} threads, median of {repeats} interleaved rounds")
-    print(f"{'clipping':<18} {'ms':>8} {'vs scale':>10}")
-    for name, ts in times.items():
-        print(f"{name:<18} {statistics.median(ts) * 1000:>8.1f} {base / statistics.median(ts):>9.2f}x")
+    print_table(
+        f"fused AdamW step with clipping, {sum(p.numel() for p in params) / 1e6:.0f}M parameters on {device.type}, "
+        f"{torch.get_num_threads()} threads, median of {repeats} interleaved rounds",
+        "clipping", interleaved(ways, repeats, device), "scale, then step",
+    )
 
 
 def main() -> None:
@@ -89,24 +104,12 @@ def main() -> None:
             opts[name].step()  # state allocated, kernels warm
         except (RuntimeError, ValueError) as exc:
             print(f"{name}: not available here ({str(exc).splitlines()[0]})")
-    times: dict[str, list[float]] = {name: [] for name in opts}
-    for _ in range(args.repeats):
-        for name, opt in opts.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            opt.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
-    base = statistics.median(times["for_loop"])
     count = sum(p.numel() for p in next(iter(opts.values())).param_groups[0]["params"]) / 1e6
-    print(f"AdamW step, {count:.0f}M parameters on {device.type}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds")
-    print(f"{'implementation':<16} {'ms':>8} {'vs for_loop':>12}")
-    for name, ts in times.items():
-        ms = statistics.median(ts) * 1000
-        print(f"{name:<16} {ms:>8.1f} {base / statistics.median(ts):>11.2f}x")
+    print_table(
+        f"AdamW step, {count:.0f}M parameters on {device.type}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved rounds",
+        "implementation", interleaved({n: o.step for n, o in opts.items()}, args.repeats, device), "for_loop",
+    )
 
 
 if __name__ == "__main__":

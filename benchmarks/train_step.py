@@ -31,12 +31,14 @@ SIZES = {
 }
 
 
-def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "auto", compile: bool = False) -> float:
-    recipe = sparc_kit.load_recipe("sparc_tiny", SIZES[size] + [f"train.precision={precision}", f"optim.impl={impl}"])
+def run(size: str, precision: str, steps: int, batch_size: int, *extra: str) -> tuple[float, float]:
+    """``(samples/s over the timed steps, seconds of the first step)`` of ``sparc_tiny`` at ``size`` with the
+    recipe overrides ``extra`` (``optim.impl=...``, ``train.compile=true``)."""
+    recipe = sparc_kit.load_recipe("sparc_tiny", [*SIZES[size], f"train.precision={precision}", *extra])
     torch.manual_seed(0)
     model, loss_fn = sparc_kit.build_model(recipe), build_loss(recipe)
-    if compile:
-        model.compile_blocks()  # what train.compile: true does
+    if recipe.train.compile:
+        model.compile_blocks()  # as the training loop does
     data = SyntheticShapes(num_samples=batch_size, image_size=64)
     tokenizer = Tokenizer.train(list(data.captions()), vocab_size=256, model_type="bpe", context_length=16)
     batch = Collate(tokenizer, 64)([data[i] for i in range(batch_size)])
@@ -47,20 +49,22 @@ def run(size: str, precision: str, steps: int, batch_size: int, impl: str = "aut
     engine.setup(module, spec, BatchLayout(batch_size), 1.0)
     batch = {k: v.to(engine.device) for k, v in batch.items()}
 
+    def synchronize():
+        if engine.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def step():
-        train_step(engine, batch, grad_clip=1.0)
+        train_step(engine, batch, grad_clip=1.0, pad_to=recipe.train.pad_to)
 
     start = time.perf_counter()
     step()  # warm-up (and, compiled, the compilation)
-    run.first_step_s = time.perf_counter() - start
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize()
+    first_step_s = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    if engine.device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - start)
+    synchronize()
+    return steps * batch_size / (time.perf_counter() - start), first_step_s
 
 
 def main() -> None:
@@ -68,10 +72,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--sizes", default="tiny,small")
-    parser.add_argument(
+    instead = parser.add_mutually_exclusive_group()
+    instead.add_argument(
         "--optimizer", action="store_true", help="compare AdamW's implementations (optim.impl) in fp32 instead"
     )
-    parser.add_argument(
+    instead.add_argument(
         "--compile", action="store_true", help="compare train.compile (each block torch.compiled) with eager instead"
     )
     args = parser.parse_args()
@@ -82,8 +87,8 @@ def main() -> None:
         print("| size | optim.impl | samples/s | vs for_loop |")
         print("|---|---|---:|---:|")
         for size in args.sizes.split(","):
-            base = run(size, "fp32", args.steps, args.batch_size, "for_loop")
-            fused = run(size, "fp32", args.steps, args.batch_size, "auto")
+            base, _ = run(size, "fp32", args.steps, args.batch_size, "optim.impl=for_loop")
+            fused, _ = run(size, "fp32", args.steps, args.batch_size, "optim.impl=auto")
             print(f"| {size} | for_loop (torch's CPU default) | {base:,.1f} | 1.00x |")
             print(f"| {size} | auto (fused) | {fused:,.1f} | {fused / base:.2f}x |")
         return
@@ -92,17 +97,17 @@ def main() -> None:
         print("|---|---|---|---:|---:|---:|")
         for size in args.sizes.split(","):
             for precision in ("fp32", "bf16"):
-                eager = run(size, precision, args.steps, args.batch_size)
-                eager_first = run.first_step_s
-                compiled = run(size, precision, args.steps, args.batch_size, compile=True)
+                eager, eager_first = run(size, precision, args.steps, args.batch_size)
+                compiled, compiled_first = run(size, precision, args.steps, args.batch_size, "train.compile=true")
                 print(f"| {size} | {precision} | false | {eager_first:.1f} | {eager:,.1f} | 1.00x |")
-                print(f"| {size} | {precision} | true | {run.first_step_s:.1f} | {compiled:,.1f} | {compiled / eager:.2f}x |")
+                print(f"| {size} | {precision} | true | {compiled_first:.1f} | {compiled:,.1f} | "
+                      f"{compiled / eager:.2f}x |")
         return
     print("| size | precision | samples/s | vs fp32 |")
     print("|---|---|---:|---:|")
     for size in args.sizes.split(","):
-        base = run(size, "fp32", args.steps, args.batch_size)
-        bf16 = run(size, "bf16", args.steps, args.batch_size)
+        base, _ = run(size, "fp32", args.steps, args.batch_size)
+        bf16, _ = run(size, "bf16", args.steps, args.batch_size)
         print(f"| {size} | fp32 | {base:,.1f} | 1.00x |")
         print(f"| {size} | bf16 autocast | {bf16:,.1f} | {bf16 / base:.2f}x |")
 

@@ -2,7 +2,8 @@
 
     python benchmarks/vs_open_clip.py [--steps 6] [--precisions fp32,bf16]
                                       [--systems open_clip,sparc_clip,sparc_sparc] [--tiny] [--threads N]
-                                      [--caption-tokens N] [--out FILE.json]
+                                      [--caption-tokens N] [--batch N] [--device cpu|cuda|auto]
+                                      [--out FILE.json]
 
 open_clip is optional (the ``bench`` extra): ``pip install 'sparc-kit[bench]'`` or ``pip install open_clip_torch``.
 Without it the open_clip rows are skipped and the sparc-kit rows are still measured (their ratios then have no
@@ -20,7 +21,9 @@ longest`` cuts the padding and open_clip runs the whole context):
   open_clip's (width 512, 8 heads, causal, 77 tokens, 49,408-token vocabulary), built by the library and trained
   by ``LocalEngine`` + ``train_step``: the real step (forward, the non-finite check, backward, the engine's AdamW,
   clipping, the temperature clamp);
-- ``sparc_sparc``: the same with the recipe's SPARC loss (``sparc_b16``).
+- ``sparc_sparc``: the same with the recipe's SPARC loss (``sparc_b16``);
+- asked for by name in ``--systems`` only: ``sparc_sparc_compile`` (``train.compile: true``; compiles for
+  minutes on a CPU) and ``sparc_sparc_xformers`` (``model.attention: xformers``; CUDA with the extra only).
 
 Every system uses the recipe's AdamW numbers (lr, betas, eps, weight decay) and the same gradient clipping (the
 recipe's ``optim.grad_clip``, 1.0). For each precision (fp32, bf16 autocast) all systems are built, take one
@@ -30,8 +33,10 @@ samples/s, the ratio to open_clip, the best (shortest) step and its ratio (the s
 shares the machine), the FLOPs of one step, and the achieved FLOP/s over the rate of a 4096^3 bf16
 matrix product measured in the same run (before and after the steps; the higher is used), and over the rate of
 the step's own matrix shapes (each Linear and the patch convolution: the forward and both backward products in
-bf16, weighted by use; what a step made of nothing but its matrix products would reach). The table is printed and
-written as JSON (default ``benchmarks/results/vs_open_clip.json``).
+bf16, weighted by use, at the lengths the step runs; what a step made of nothing but its matrix products would
+reach). On CUDA (``--device cuda``) the timing is synchronised and a column adds MFU, the achieved FLOP/s over the
+device's datasheet dense bf16 peak (``DATASHEET_BF16_PEAK``). The table is printed and written as JSON (default
+``benchmarks/results/vs_open_clip.json``).
 """
 
 from __future__ import annotations
@@ -55,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import sparc_kit
 from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec
 from sparc_kit.models import vit
+from sparc_kit.models.text import cut_padding
 from sparc_kit.models.vit import embed_patches
 from sparc_kit.train import build_loss
 from sparc_kit.train.module import TrainModule
@@ -67,7 +73,10 @@ SYSTEMS = ("open_clip", "sparc_clip", "sparc_sparc")
 OPTIONAL_SYSTEMS = ("sparc_sparc_compile", "sparc_sparc_xformers")
 RECIPES = {"sparc_clip": "clip_b16", "sparc_sparc": "sparc_b16", "sparc_sparc_compile": "sparc_b16",
            "sparc_sparc_xformers": "sparc_b16"}
-EXTRA_OVERRIDES = {"sparc_sparc_xformers": ["model.attention=xformers"]}
+EXTRA_OVERRIDES = {
+    "sparc_sparc_compile": ["train.compile=true"],
+    "sparc_sparc_xformers": ["model.attention=xformers"],
+}
 
 #: dense bf16 tensor-core peaks from the vendors' datasheets (FLOP/s, without sparsity), for MFU on CUDA; matched
 #: against torch.cuda.get_device_name() in this order
@@ -146,8 +155,8 @@ def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, t
     recipe = sparc_kit.load_recipe(RECIPES[name], overrides)
     torch.manual_seed(0)
     model, loss_fn = sparc_kit.build_model(recipe), build_loss(recipe)
-    if name.endswith("_compile"):
-        model.compile_blocks()  # what train.compile: true does; compiled during the warm-up steps
+    if recipe.train.compile:
+        model.compile_blocks()  # as the training loop does; compiled during the warm-up steps
     module = TrainModule(model, loss_fn)
     o = recipe.optim
     engine = LocalEngine(device=device.type, precision=precision)
@@ -155,7 +164,7 @@ def build_sparc(name: str, s: dict[str, int], precision: str, batch: dict[str, t
     engine.setup(module, spec, BatchLayout(s["batch"]), o.grad_clip)
 
     def step() -> None:
-        train_step(engine, batch, grad_clip=o.grad_clip)
+        train_step(engine, batch, grad_clip=o.grad_clip, pad_to=recipe.train.pad_to)
 
     return System(name, step, sum(p.numel() for p in module.parameters()), module)
 
@@ -310,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny shape (the smoke test); not a measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--batch", type=int, default=None,
-                        help="the batch (default 8, the comparison's; a GPU wants more for a meaningful MFU)")
+                        help="the batch (default 8, the comparison's; 4 with --tiny; a GPU wants more for a "
+                        "meaningful MFU)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="cpu",
                         help="cpu (the default), cuda, or auto (cuda when there is one); on CUDA the table adds MFU "
                         "against the device's datasheet bf16 peak")
@@ -369,7 +379,10 @@ def main(argv: list[str] | None = None) -> int:
     probe = next((x for p in results.values() for x in p if x.module is not None), None)
     own_rate = None
     if probe:
-        probe_batch = {k: v.to(device) for k, v in synthetic_batch(s).items()}
+        probe_batch = {k: v.to(device) for k, v in synthetic_batch(s, args.caption_tokens).items()}
+        # the lengths the step runs (train.pad_to: longest cuts the padding before the towers)
+        probe_batch["token_ids"], probe_batch["token_mask"] = cut_padding(probe_batch["token_ids"],
+                                                                          probe_batch["token_mask"])
         own_rate = shapes_gemm_rate(matrix_shapes(probe.module, probe_batch), device=device)
 
     rows: list[dict[str, Any]] = []

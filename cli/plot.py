@@ -30,5 +30,5 @@ def plot(
     from sparc_kit.train.curves import plot_curves
 
     with reported():
-        path = plot_curves(runs, out, metrics=metric or ["loss"], smooth=smooth)
+        path = plot_curves(runs, out, metrics=metric, smooth=smooth)
     typer.echo(f"wrote {path}")

@@ -28,7 +28,7 @@ from sparc_kit.config import builtin_recipes, load_recipe
 from sparc_kit.data.clip_tokenizer import OpenClipTokenizer
 from sparc_kit.data.loader import Collate
 from sparc_kit.data.tokenizer import Tokenizer
-from sparc_kit.data.transforms import EvalTransform, ImageTransform, model_image_size
+from sparc_kit.data.transforms import EvalTransform, ImageTransform, transform_for
 from sparc_kit.engines.base import resolve_device
 from sparc_kit.errors import EngineSetupError, SparcError
 from sparc_kit.models import build_model
@@ -67,7 +67,8 @@ class TrainTransform:
 
 class TextTokenizer:
     """Texts to token ids ``[N, context_length]`` (LongTensor; a single text gives ``N = 1``), over the run's
-    :class:`~sparc_kit.data.tokenizer.Tokenizer` (``.tokenizer``; its mask is ``ids != 0``)."""
+    tokenizer (``.tokenizer``: a :class:`~sparc_kit.data.tokenizer.Tokenizer`, or CLIP's BPE for
+    ``tokenizer.kind: open_clip``; its ``tokenize`` gives the padding mask as well)."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -136,7 +137,7 @@ def create_model_and_transforms(
     else:
         recipe = _recipe(recipe_or_run)
         model = build_model(recipe).to(where).eval()
-        evaluation = EvalTransform(model_image_size(model, recipe))
+        evaluation = transform_for(model, recipe)
     model.to(dtype=PRECISIONS[precision or "fp32"])
     return model, train_transform(recipe, evaluation.image_size), evaluation
 

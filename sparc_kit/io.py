@@ -4,6 +4,7 @@
 (``.tmp-NAME-XXXX``) and rename it into place, so a reader (or a resume after a crash or SIGKILL) sees the old
 file or the new one, never half of one; a failed write removes its temporary file. :func:`load_torch_file` is
 ``torch.load(weights_only=True)`` with one-line errors: a pickle that would run code is refused unrun.
+:func:`is_number` / :func:`numbers`: which values of a metrics row (or an evaluation file) are measurements.
 
 This module imports nothing of the package but :mod:`sparc_kit.errors`: every layer may use it.
 """
@@ -11,6 +12,7 @@ This module imports nothing of the package but :mod:`sparc_kit.errors`: every la
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pickle
 import re
@@ -19,7 +21,10 @@ from typing import IO, Any, Iterator
 
 from sparc_kit.errors import SparcError
 
-__all__ = ["atomic_path", "atomic_open", "atomic_write", "load_torch_file", "WeightsFileError", "TMP_PREFIX"]
+__all__ = [
+    "atomic_path", "atomic_open", "atomic_write", "load_torch_file", "WeightsFileError", "TMP_PREFIX", "is_number",
+    "numbers",
+]
 
 #: every temporary name the package writes starts with this; a clean-up of a folder may remove such leftovers
 TMP_PREFIX = ".tmp-"
@@ -98,3 +103,13 @@ def load_torch_file(source: Any, name: str | None = None) -> Any:
     except (RuntimeError, EOFError, ValueError) as exc:  # not a zip / legacy torch file, or cut short
         first = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         raise WeightsFileError(f"{name}: not a readable torch file ({first})") from None
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float (booleans and text are not measurements)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def numbers(row: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a row, as floats."""
+    return {k: float(v) for k, v in row.items() if is_number(v)}

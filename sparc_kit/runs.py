@@ -7,7 +7,7 @@ disturbing it:
 
 - ``step``: the newest of the last logged step and the newest complete checkpoint; ``total``: the recipe's
   ``train.steps``; ``last_loss``: the ``loss`` of the last ``metrics.jsonl`` row;
-- the best evaluation: of the metrics a sweep report would rank by (:func:`~sparc_kit.ablate.report.default_metric`,
+- the best evaluation: the one a sweep report would rank by (:func:`~sparc_kit.ablate.report.preferred_eval`,
   a top-1 or R@1-like one first), its best value over the logged rows and ``RUN/eval/*.json``, in the direction
   its evaluator declares (:func:`~sparc_kit.ablate.report.default_mode`);
 - ``status``: ``running`` while a process holds the folder's lock (its pid from ``.lock``); else ``finished`` when
@@ -29,10 +29,16 @@ from typing import Any
 
 import yaml
 
-from sparc_kit.ablate.report import default_metric, default_mode, eval_file_metrics, eval_file_tasks, row_eval_metrics
+from sparc_kit.ablate.report import (
+    default_mode,
+    entry_tasks,
+    eval_file_metrics,
+    preferred_eval,
+    row_eval_metrics,
+    with_file_tasks,
+)
 from sparc_kit.checkpoint import CHECKPOINTS, ERROR_LOG, LOCK, METRICS, RECIPE
 from sparc_kit.errors import SparcError
-from sparc_kit.evaluate.spec import spec_names
 from sparc_kit.train.run_folder import checkpoint_step, read_metrics
 
 __all__ = ["RunSummary", "RunList", "RunsError", "list_runs", "summarize_run", "lock_holder", "is_run_folder"]
@@ -168,18 +174,14 @@ def _best_eval(run_dir: str, rows: list[dict[str, Any]], entries: Any) -> tuple[
     run has no evaluation."""
     entries = [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
     specs = [SimpleNamespace(name=e.get("name"), task=e.get("task"), data=e.get("data", "")) for e in entries]
-    tasks = {n: s.task for n, s in zip(spec_names(specs), specs) if isinstance(s.task, str)}
-    for name, task in eval_file_tasks(run_dir).items():
-        tasks.setdefault(name, task)
+    tasks = with_file_tasks(entry_tasks(specs), [run_dir])
     seen: list[tuple[str, float, int | None]] = []
     for row in rows:
         seen += [(k, v, row.get("step")) for k, v in row_eval_metrics(row).items()]
     files = eval_file_metrics(run_dir)
     seen += [(k, v, None) for k, v in files.items()]
     names = list(dict.fromkeys(k for k, _, _ in seen))
-    metric, _ = default_metric(names, [], tasks)
-    if metric is None or not metric.startswith("eval/"):  # only minimised evaluations, or none
-        metric = next((n for n in names if n.startswith("eval/")), None)
+    metric = preferred_eval(names, tasks)
     if metric is None:
         return None, None, None, None
     mode = default_mode(metric, tasks)

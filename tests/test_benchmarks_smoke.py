@@ -64,3 +64,4 @@ def test_smoke_every_vs_open_clip_system_is_a_valid_recipe():
         loaded = sparc_kit.load_recipe(recipe, overrides)
         assert loaded.train.device == "cuda"
         assert loaded.model.attention == ("xformers" if name.endswith("_xformers") else "auto")
+        assert loaded.train.compile == name.endswith("_compile")

@@ -14,7 +14,7 @@ import sparc_kit
 from sparc_kit.engines import BatchLayout, LocalEngine, OptimizerSpec, param_groups
 from sparc_kit.models.text import TextTransformer
 from sparc_kit.train import read_metrics, train
-from sparc_kit.train.padding import cut_length, longest_caption
+from sparc_kit.models.text import cut_length, longest_caption
 from sparc_kit.train.step import compute_gradients
 from test_train import MICRO, weights
 

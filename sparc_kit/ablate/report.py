@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from sparc_kit.ablate.plan import Sweep, flatten, point_state
 from sparc_kit.checkpoint import EVAL
 from sparc_kit.evaluate.spec import metric_direction, spec_names
-from sparc_kit.io import atomic_open, atomic_write
+from sparc_kit.io import atomic_open, atomic_write, is_number
 from sparc_kit.train import read_metrics
 from sparc_kit.train.curves import plot_curves
 
@@ -55,10 +55,6 @@ _BOOKKEEPING = {
 _EVAL_SKIP = {"step", "steps", "n", "images", "texts", "classes", "samples", "seconds"}
 
 
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
 def run_metrics(run_dir: str, steps: int | None = None) -> dict[str, float]:
     """One run folder's results over its metrics rows (those up to ``steps`` when given): ``final_loss``, the other
     numbers of the last metrics.jsonl row (evaluations the loop ran as ``eval/NAME/KEY``), the numbers of every
@@ -68,10 +64,10 @@ def run_metrics(run_dir: str, steps: int | None = None) -> dict[str, float]:
     if not rows:
         return {}
     last = rows[-1]
-    metrics: dict[str, float] = {"final_loss": float(last["loss"])} if _number(last.get("loss")) else {}
+    metrics: dict[str, float] = {"final_loss": float(last["loss"])} if is_number(last.get("loss")) else {}
     metrics.update(row_eval_metrics(last, include_training=True))
     metrics.update(eval_file_metrics(run_dir))
-    speeds = [float(r["samples_per_s"]) for r in rows if _number(r.get("samples_per_s"))]
+    speeds = [float(r["samples_per_s"]) for r in rows if is_number(r.get("samples_per_s"))]
     if speeds:
         metrics["samples_per_s"] = statistics.fmean(speeds)
     return metrics
@@ -82,7 +78,7 @@ def row_eval_metrics(row: dict[str, Any], include_training: bool = False) -> dic
     with ``include_training`` also the loss's diagnostics (not the bookkeeping, not ``loss`` itself)."""
     out = {}
     for k, v in row.items():
-        if k in _BOOKKEEPING or k == "loss" or not _number(v):
+        if k in _BOOKKEEPING or k == "loss" or not is_number(v):
             continue
         if k.startswith("eval/") and k.split("/")[-1] in _EVAL_SKIP:
             continue
@@ -113,7 +109,7 @@ def eval_file_metrics(run_dir: str) -> dict[str, float]:
     for stem, data in _eval_files(run_dir):
         found = data["metrics"] if isinstance(data.get("metrics"), dict) else data
         for k, v in flatten(found).items():
-            if k.split(".")[-1] not in _EVAL_SKIP and _number(v):
+            if k.split(".")[-1] not in _EVAL_SKIP and is_number(v):
                 metrics[f"eval/{stem}/{k}"] = float(v)
     return metrics
 
@@ -195,12 +191,34 @@ def eval_tasks(sweep: Sweep) -> dict[str, str]:
     ``task`` of each ``RUN/eval/NAME.json`` (``sparc eval`` results)."""
     tasks: dict[str, str] = {}
     for recipe in [sweep.recipe, *(p.recipe for p in sweep.points)]:
-        entries = list(getattr(recipe, "eval", None) or [])
-        tasks.update(zip(spec_names(entries), (e.task for e in entries)))
-    for point in sweep.points:
-        for name, task in eval_file_tasks(point.run_dir).items():
+        tasks.update(entry_tasks(getattr(recipe, "eval", None) or []))
+    return with_file_tasks(tasks, [p.run_dir for p in sweep.points])
+
+
+def entry_tasks(entries: Any) -> dict[str, str]:
+    """The task of each ``eval:`` entry (objects with ``name``, ``task``, ``data``), by the entry's name."""
+    entries = list(entries)
+    return {n: e.task for n, e in zip(spec_names(entries), entries) if isinstance(e.task, str)}
+
+
+def with_file_tasks(tasks: dict[str, str], run_dirs: list[str]) -> dict[str, str]:
+    """``tasks`` plus the ``task`` of each ``RUN/eval/NAME.json`` whose NAME it lacks."""
+    for run_dir in run_dirs:
+        for name, task in eval_file_tasks(run_dir).items():
             tasks.setdefault(name, task)
     return tasks
+
+
+def preferred_eval(names: list[str], tasks: dict[str, str] | None = None) -> str | None:
+    """The evaluation a run or sweep is judged by: a maximised top-1 or R@1-like one first, then any maximised
+    one, then any evaluation (``eval/...``); None without one."""
+    evals = [n for n in names if n.startswith("eval/")]
+    maximised = [n for n in evals if default_mode(n, tasks) == "max"]
+    for token in _EVAL_PREFERENCE:
+        for n in maximised:
+            if token in n.split("/")[-1].lower():
+                return n
+    return next(iter(maximised or evals), None)
 
 
 # Which varied paths change what a loss value means. Every contrastive term depends on the batch size (its
@@ -226,13 +244,9 @@ def default_metric(
 
     Returns ``(None, reason)`` when no logged metric is comparable across the points.
     """
-    evals = [n for n in names if n.startswith("eval/") and default_mode(n, tasks) == "max"]
-    for token in _EVAL_PREFERENCE:
-        for n in evals:
-            if token in n.split("/")[-1].lower():
-                return n, "an evaluation, the same measurement at every point"
-    if evals:
-        return evals[0], "an evaluation, the same measurement at every point"
+    chosen = preferred_eval(names, tasks)
+    if chosen is not None and default_mode(chosen, tasks) == "max":
+        return chosen, "an evaluation, the same measurement at every point"
     touches = lambda prefixes: any(v == p or v.startswith(p + ".") for v in varied for p in prefixes)  # noqa: E731
     if "global_loss" in names and not touches(_CHANGES_ANY_LOSS + _CHANGES_GLOBAL_TERM):
         return "global_loss", "the global contrastive term, whose scale no varied parameter changes"
@@ -435,7 +449,7 @@ def plot_results(
     for i, (name, j) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         param = params[j]
-        numeric = all(_number(v) for v in param.values)
+        numeric = all(is_number(v) for v in param.values)
         xs_of = {lab: (float(v) if numeric else k) for k, (lab, v) in enumerate(zip(param.labels, param.values))}
         others = [q.key for q in params if q.key != param.key]
         groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}

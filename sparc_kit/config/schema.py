@@ -13,6 +13,7 @@ from pydantic_core import PydanticCustomError
 
 # the component packages: importing them registers the built-in components the schema is built from
 import sparc_kit.data  # noqa: F401
+from sparc_kit.data.clip_tokenizer import CLIP_VOCAB_SIZE
 import sparc_kit.engines  # noqa: F401
 import sparc_kit.evaluate  # noqa: F401
 import sparc_kit.loggers  # noqa: F401
@@ -68,10 +69,18 @@ class TokenizerConfig(Strict):
 
     @model_validator(mode="after")
     def _clip_path(self) -> "TokenizerConfig":
-        # its 49,408 pieces against tokenizer.vocab_size: checked when a run starts, as a trained tokenizer's
-        if self.kind == "open_clip" and self.path:
+        if self.kind != "open_clip":
+            return self
+        if self.path:
             raise PydanticCustomError(
                 "clip_path", "tokenizer.path: not read with tokenizer.kind open_clip (its vocabulary is open_clip's)"
+            )
+        # known from the recipe alone, so a model built without starting a run (the api) cannot get it wrong
+        if self.vocab_size < CLIP_VOCAB_SIZE:
+            raise PydanticCustomError(
+                "clip_vocab",
+                f"tokenizer.vocab_size: {self.vocab_size} is smaller than CLIP's {CLIP_VOCAB_SIZE} pieces "
+                f"(tokenizer.kind open_clip); set it to {CLIP_VOCAB_SIZE}",
             )
         return self
 
@@ -153,14 +162,11 @@ class TrainConfig(Strict):
     @field_validator("loggers")
     @classmethod
     def _known_loggers(cls, names: list[str]) -> list[str]:
-        known = reg.loggers.names()
         for name in names:
-            if name not in known:
-                hint = reg.suggest(name, known)
-                did_you_mean = f" Did you mean {hint!r}?" if hint else ""
-                raise PydanticCustomError(
-                    "unknown_logger", f"unknown logger {name!r}.{did_you_mean} Known: {', '.join(known)}"
-                )
+            try:
+                reg.loggers.get(name)
+            except reg.UnknownComponentError as exc:  # the registry's own message, with its "did you mean"
+                raise PydanticCustomError("unknown_logger", exc.message) from None
         return list(dict.fromkeys(["jsonl", *names]))  # jsonl first and always; each once
 
 

@@ -37,19 +37,6 @@ def _open_clip_tokenizer_module():
     return module
 
 
-class _Pieces:
-    """What other code reads from a tokenizer's ``sp`` (SentencePiece's names): pieces of a text, a piece's text."""
-
-    def __init__(self, bpe):
-        self.bpe = bpe
-
-    def encode(self, text: str) -> list[int]:
-        return self.bpe.encode(text)
-
-    def id_to_piece(self, i: int) -> str:
-        return self.bpe.decoder.get(int(i), "")
-
-
 class OpenClipTokenizer(TokenizerBase):
     """CLIP's BPE with the interface of :class:`~sparc_kit.data.tokenizer.Tokenizer` (``tokenize``, ``__call__``,
     ``encode``, ``decode``, ``save``, ``vocab_size``, ``context_length``)."""
@@ -69,7 +56,6 @@ class OpenClipTokenizer(TokenizerBase):
     def _make(self) -> None:
         module = _open_clip_tokenizer_module()
         self.bpe = module.SimpleTokenizer(bpe_path=io.BytesIO(self.merges), context_length=self.context_length)
-        self.sp = _Pieces(self.bpe)
         if (self.bpe.sot_token_id, self.bpe.eot_token_id) != (CLIP_SOT_ID, CLIP_EOT_ID):
             raise DataError(f"open_clip's BPE vocabulary has unexpected special ids {self.bpe.all_special_ids}")
 
@@ -89,13 +75,20 @@ class OpenClipTokenizer(TokenizerBase):
     def _pieces(self, text: str) -> list[int]:
         return self.bpe.encode(text)
 
+    def _wrap(self, pieces: list[int]) -> list[int]:
+        """``[start] pieces [end]``, cut to ``context_length`` with the end token kept last."""
+        return [CLIP_SOT_ID, *pieces][: self.context_length - 1] + [CLIP_EOT_ID]
+
     def encode(self, text: str) -> list[int]:
         """``[start] words [end]``, cut to ``context_length`` with the end token kept last."""
-        ids = [CLIP_SOT_ID, *self._pieces(text)][: self.context_length - 1]
-        return ids + [CLIP_EOT_ID]
+        return self._wrap(self._pieces(text))
 
-    def is_truncated(self, text: str) -> bool:
-        return len(self._pieces(text)) + 2 > self.context_length
+    def length(self, text: str) -> int:
+        """The ids of ``text`` before any cut: its pieces, the start and the end token."""
+        return len(self._pieces(text)) + 2
+
+    def piece(self, token_id: int) -> str:
+        return self.bpe.decoder.get(int(token_id), "")
 
     def decode(self, ids: Iterable[int]) -> str:
         kept = [int(i) for i in ids]
@@ -112,8 +105,9 @@ class OpenClipTokenizer(TokenizerBase):
         mask = torch.zeros(len(texts), self.context_length, dtype=torch.bool)
         truncated = 0
         for row, text in enumerate(texts):
-            encoded = self.encode(text)
-            truncated += self.is_truncated(text)
+            pieces = self._pieces(text)  # once: BPE is the costly part, run per caption of every batch
+            truncated += len(pieces) + 2 > self.context_length
+            encoded = self._wrap(pieces)
             ids[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
             mask[row, : len(encoded)] = True
         return ids, mask, truncated

@@ -54,7 +54,7 @@ def inspect_dataset(
         raise DataError(f"tokenizer not found: {tokenizer}") from None
     captions = list(ds.captions())
     if tok:  # untruncated piece counts, so captions longer than the context can be reported
-        lengths = [len(tok.sp.encode(c.lower() if tok.lowercase else c)) + tok.add_eos for c in captions]
+        lengths = [tok.length(c) for c in captions]
     else:
         lengths = [len(c.split()) for c in captions]
     report: dict[str, Any] = {"path": path, "kind": "manifest" if isinstance(ds, ManifestDataset) else "webdataset"}

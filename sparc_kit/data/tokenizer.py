@@ -90,10 +90,12 @@ class Tokenizer(TokenizerBase):
         ids = ids[:limit]
         return ids + [EOS_ID] if self.add_eos else ids
 
-    def is_truncated(self, text: str) -> bool:
-        """Whether ``text`` does not fit ``context_length`` and loses its end."""
-        reserve = 1 if self.add_eos else 0
-        return len(self.sp.encode(text.lower() if self.lowercase else text)) + reserve > self.context_length
+    def length(self, text: str) -> int:
+        """The ids of ``text`` before any cut: its pieces, and the end token when ``add_eos``."""
+        return len(self.sp.encode(text.lower() if self.lowercase else text)) + (1 if self.add_eos else 0)
+
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(int(token_id))
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)])

@@ -16,14 +16,24 @@ __all__ = ["TokenizerBase"]
 
 
 class TokenizerBase:
-    """A subclass defines ``file_bytes()`` (what ``save`` writes and its ``load`` reads back), ``is_truncated``
-    and ``tokenize``."""
+    """A subclass defines ``file_bytes()`` (what ``save`` writes and its ``load`` reads back), ``length`` (a
+    text's ids before any cut, its special tokens included), ``piece`` (an id's text) and ``tokenize``; it has a
+    ``context_length``."""
+
+    context_length: int
 
     def file_bytes(self) -> bytes:
         raise NotImplementedError
 
-    def is_truncated(self, text: str) -> bool:
+    def length(self, text: str) -> int:
         raise NotImplementedError
+
+    def piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def is_truncated(self, text: str) -> bool:
+        """Whether ``text`` does not fit ``context_length`` and loses its end."""
+        return self.length(text) > self.context_length
 
     def tokenize(self, texts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         raise NotImplementedError

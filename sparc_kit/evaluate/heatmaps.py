@@ -152,7 +152,7 @@ def alignment_maps(model: torch.nn.Module, tokenizer: Any, transform: Any, image
     view = pixels * std + mean if mean is not None and std is not None else pixels
     return HeatMaps(
         text=text,
-        pieces=[tokenizer.sp.id_to_piece(i) for i in token_ids],
+        pieces=[tokenizer.piece(i) for i in token_ids],
         token_ids=token_ids,
         positions=positions,
         weights=weights.reshape(-1, h, w).float().cpu(),

@@ -109,7 +109,6 @@ class RunLoggers:
         self.members = members
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        metrics = {k: v for k, v in metrics.items() if k != "step"}
         for member in self.members:
             member.log(step, metrics)
 

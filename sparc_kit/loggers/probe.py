@@ -29,7 +29,6 @@ FIRST_SAMPLES = 100  # how many unreadable training samples may come before the 
 class Probe:
     image: Any  # a PIL image (train.probe.image) or a uint8 tensor [3, H, W] (a training sample)
     text: str
-    source: str  # where it came from, for messages
 
     def images(self, model: torch.nn.Module, tokenizer: Any) -> dict[str, np.ndarray]:
         """``{tag: uint8 [S, S, 3]}``: per real token of the caption, ``heatmaps/weights/NN_PIECE`` and
@@ -72,9 +71,9 @@ def read_probe(recipe: Any, dataset: Any) -> Probe:
     cfg = recipe.train.probe
     if cfg is not None and cfg.image is not None:
         try:
-            return Probe(read_image(cfg.image), cfg.text, f"train.probe.image {cfg.image}")
+            return Probe(read_image(cfg.image), cfg.text)
         except BadImageError as exc:
             raise RecipeError([f"train.probe.image: {exc}"]) from None
     sample = _first_sample(dataset)
     text = cfg.text if cfg is not None and cfg.text else sample["caption"]
-    return Probe(sample["image"], text, "the first training sample")
+    return Probe(sample["image"], text)

@@ -10,26 +10,18 @@ package (``pip install 'sparc-kit[tensorboard]'``).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
 import numpy as np
 
+from sparc_kit.io import numbers
 from sparc_kit.loggers.base import SUPPLIED, Logger
 from sparc_kit.registry import loggers
 
 __all__ = ["TensorBoardLogger", "TENSORBOARD"]
 
 TENSORBOARD = "tensorboard"  # the event files' folder in the run folder
-
-
-def scalars(metrics: dict[str, Any]) -> dict[str, float]:
-    """The finite numbers of a row (booleans and text left out)."""
-    return {
-        k: float(v) for k, v in metrics.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-    }
 
 
 @loggers.register("tensorboard", supplied=SUPPLIED)
@@ -46,7 +38,7 @@ class TensorBoardLogger(Logger):
         self.writer = SummaryWriter(log_dir=os.path.join(run_dir, TENSORBOARD), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        for tag, value in scalars(metrics).items():
+        for tag, value in numbers(metrics).items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 

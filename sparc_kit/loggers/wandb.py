@@ -18,7 +18,7 @@ import numpy as np
 
 from sparc_kit.io import atomic_write
 from sparc_kit.loggers.base import SUPPLIED, Logger
-from sparc_kit.loggers.tensorboard import scalars
+from sparc_kit.io import numbers
 from sparc_kit.registry import loggers
 
 __all__ = ["WandbLogger", "WANDB_ID"]
@@ -54,7 +54,7 @@ class WandbLogger(Logger):
         )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        self.run.log(scalars(metrics), step=step)
+        self.run.log(numbers(metrics), step=step)
 
     def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
         self.run.log({tag: self.wandb.Image(pixels) for tag, pixels in images.items()}, step=step)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sparc_kit.data.tokenizer import PAD_ID
 from sparc_kit.models.attention import init_weights
-from sparc_kit.models.text import cut_padding
+from sparc_kit.models.text import accepts_shorter_context, cut_padding
 
 __all__ = ["DualEncoder"]
 
@@ -110,7 +110,7 @@ class DualEncoder(nn.Module):
         tracing, where a data-dependent length would be recorded as a constant."""
         if token_mask is None:
             token_mask = token_ids != PAD_ID
-        if getattr(type(self.text), "accepts_shorter_context", False) and not (
+        if accepts_shorter_context(self.text) and not (
             torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         ):
             token_ids, token_mask = cut_padding(token_ids, token_mask)

@@ -23,18 +23,25 @@ def check_text_transformer(recipe: Any, path: str) -> list[str]:
     t = recipe.model.text
     return divisibility_problems(path, t.width, t.heads)
 
-__all__ = ["TextTransformer", "PAD_MULTIPLE", "longest_caption", "cut_length", "cut_padding"]
+__all__ = [
+    "TextTransformer", "PAD_MULTIPLE", "longest_caption", "cut_length", "cut_padding", "accepts_shorter_context",
+]
 
 #: a cut length is rounded up to this (steadier matrix shapes; few distinct shapes for torch.compile)
 PAD_MULTIPLE = 8
 
 
 def longest_caption(token_mask: torch.Tensor) -> int:
-    """One past the last column of ``token_mask`` [B, L] holding a real token of any caption (0 for none)."""
+    """One past the last column of ``token_mask`` [B, L] holding a real token of any caption (0 for none); one
+    device-to-host read."""
     used = token_mask.bool().any(dim=0)  # [L]
-    if not bool(used.any()):
-        return 0
-    return int(used.nonzero().max()) + 1
+    columns = torch.arange(1, used.numel() + 1, device=used.device)
+    return int((columns * used).max()) if used.numel() else 0
+
+
+def accepts_shorter_context(text_tower: Any) -> bool:
+    """Whether a text tower takes token ids shorter than its context length (its class says so)."""
+    return bool(getattr(type(text_tower), "accepts_shorter_context", False))
 
 
 def cut_length(longest: int, context: int, multiple: int = PAD_MULTIPLE) -> int:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 from sparc_kit.checkpoint import METRICS
 from sparc_kit.errors import SparcError
-from sparc_kit.io import atomic_path
+from sparc_kit.io import atomic_path, is_number
 from sparc_kit.train.run_folder import read_metrics
 
 __all__ = ["CurvesError", "plot_curves", "read_curves", "ema", "run_labels", "DEFAULT_METRIC"]
@@ -51,7 +51,7 @@ def read_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     for row in read_metrics(run_dir):
         step = row.get("step")
         for key, value in row.items():
-            if key == "step" or not isinstance(step, int) or not _number(value):
+            if key == "step" or not isinstance(step, int) or not is_number(value):
                 continue
             steps, values = curves.setdefault(key, ([], []))
             steps.append(step)
@@ -59,10 +59,6 @@ def read_curves(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     if not curves:
         raise CurvesError(f"{run_dir}: {METRICS} holds no logged row yet")
     return curves
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
 
 
 def run_labels(run_dirs: Sequence[str]) -> list[str]:

@@ -213,12 +213,14 @@ def train(
         engine.close()
 
 
-def _prepare_run_folder(recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None, engine: Engine) -> Any:
+def _prepare_run_folder(
+    recipe: Any, out_dir: str, dataset: Any, ckpt_path: str | None, engine: Engine, draws_maps: bool
+) -> Any:
     """Rank 0's part of starting a run: every check first (so a refused run changes nothing in the folder),
     then the tokenizer and ``recipe.yaml``. Returns the heat maps' probe when a logger draws them, else None."""
     if recipe.eval:
         check_eval_data(recipe.eval)
-    probe = read_probe(recipe, dataset) if wants_images(recipe) else None
+    probe = read_probe(recipe, dataset) if draws_maps else None
     saved = read_checkpoint_state(ckpt_path) if ckpt_path else None
     if saved is not None:
         check_resume(out_dir, recipe)
@@ -283,7 +285,11 @@ def _train(
     # model.init_from: read before the run folder is written; a resumed run loads its own checkpoint instead
     initial = None if ckpt_path else read_init_weights(recipe)
     dataset = build_dataset(recipe)
-    probe = on_main(engine, lambda: _prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine))
+    draws_maps = wants_images(recipe)  # the same answer on every process, asked once
+    probes: list[Any] = []  # rank 0's probe, kept on rank 0 (on_main sends its return value to every process)
+    on_main(engine, lambda: probes.append(_prepare_run_folder(recipe, out_dir, dataset, ckpt_path, engine,
+                                                              draws_maps)))
+    probe = probes[0] if probes else None
     tokenizer = build_tokenizer(recipe, dataset, out_dir)  # every process reads rank 0's tokenizer.model
 
     model = build_model(recipe)
@@ -341,7 +347,6 @@ def _train(
         )
 
     eval_model: list[torch.nn.Module] = []  # the fp32 copy evaluated when the engine shards or casts weights
-    draws_maps = wants_images(recipe)  # the same answer on every process, asked once
 
     def evaluate(step: int) -> dict[str, Any]:  # the recipe's evaluations, and the probe's heat maps
         final = step == total

@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 
-from sparc_kit.models.text import PAD_MULTIPLE, cut_length, cut_padding, longest_caption
+from sparc_kit.models.text import accepts_shorter_context, cut_length, cut_padding, longest_caption
 
-__all__ = ["PAD_MULTIPLE", "longest_caption", "cut_length", "trim_padding", "accepts_shorter_context"]
+__all__ = ["trims_padding", "trim_padding"]
 
 
-def accepts_shorter_context(module: Any) -> bool:
-    """Whether the training module's text tower takes token ids shorter than its context length."""
-    model = getattr(module, "model", module)
-    return bool(getattr(type(getattr(model, "text", None)), "accepts_shorter_context", False))
+def trims_padding(module: Any) -> bool:
+    """Whether the training module's (or model's) text tower takes token ids shorter than its context length."""
+    return accepts_shorter_context(getattr(getattr(module, "model", module), "text", None))
 
 
 def trim_padding(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,7 +39,5 @@ def trim_padding(engine, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     if mask is None or "token_ids" not in batch or mask.ndim != 2:
         return batch
     length = cut_length(engine.all_reduce_max(longest_caption(mask)), mask.shape[1])
-    if length >= mask.shape[1]:
-        return batch
     token_ids, token_mask = cut_padding(batch["token_ids"], mask, length)
     return {**batch, "token_ids": token_ids, "token_mask": token_mask}

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from sparc_kit.checkpoint import (
+    LOCK,
     METRICS,
     RECIPE,
     ResumeWarning,
@@ -28,14 +29,12 @@ from sparc_kit.config import canonical_values, recipe_schema
 from sparc_kit.engines.base import Engine, EngineSetupError
 from sparc_kit.errors import RunError
 from sparc_kit.io import atomic_open
-from sparc_kit.loggers.jsonl import append_row  # re-exported: the row writer lives with the jsonl logger
 
 __all__ = [
     "RunFolderBusyError",
     "ResumeMismatchError",
     "run_lock",
     "read_metrics",
-    "append_row",
     "truncate_metrics",
     "check_resume",
     "check_engine_resume",
@@ -54,7 +53,7 @@ def run_lock(out_dir: str):
     their checkpoints and metrics. The lock is released by the OS if the process dies."""
     import fcntl
 
-    path = os.path.join(out_dir, ".lock")
+    path = os.path.join(out_dir, LOCK)
     with open(path, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

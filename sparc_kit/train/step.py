@@ -25,7 +25,7 @@ import torch
 from sparc_kit.engines.base import NonFiniteGradient
 from sparc_kit.errors import RunError
 from sparc_kit.train.module import snapshot_rng
-from sparc_kit.train.padding import accepts_shorter_context, trim_padding
+from sparc_kit.train.padding import trim_padding, trims_padding
 
 __all__ = [
     "train_step",
@@ -117,7 +117,7 @@ def compute_gradients(
     ``"context_length"`` keeps them as they come.
     """
     extras = dict(extras or {})
-    if pad_to == "longest" and accepts_shorter_context(engine.unwrap()):
+    if pad_to == "longest" and trims_padding(engine.unwrap()):
         batch = trim_padding(engine, batch)
     elif pad_to not in ("longest", "context_length"):
         raise ValueError(f"pad_to must be 'longest' or 'context_length', got {pad_to!r}")
