@@ -633,3 +633,14 @@ def test_image_global_head_mlp_is_read_as_its_current_name_linear_gelu(tmp_path)
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ResumeMismatchError, match="image_global_head"):
         check_resume(str(tmp_path), old)
+
+
+def test_clips_tokenizer_needs_a_vocabulary_of_its_49408_pieces():
+    """Known from the recipe alone, so a model built without a run (the api) cannot get a too-small table."""
+    problems = problems_of("sparc_tiny", ["tokenizer.kind=open_clip", "tokenizer.vocab_size=49407"])
+    assert len(problems) == 1 and problems[0].endswith(
+        "tokenizer.vocab_size: 49407 is smaller than CLIP's 49408 pieces (tokenizer.kind open_clip); set it to 49408"
+    )
+    assert load_recipe("sparc_tiny", ["tokenizer.kind=open_clip", "tokenizer.vocab_size=49408"]).tokenizer.kind == (
+        "open_clip"
+    )
