@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import os
 import pkgutil
 import sys
 import warnings
 from types import ModuleType
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
@@ -121,9 +122,29 @@ def main() -> None:
     sys.argv = _strip_local_rank(sys.argv)
     try:
         app()
+        code: Any = 0
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
-        sys.exit(130)
+        code = 130
+    except SystemExit as exc:  # typer ends every command this way
+        code = exc.code
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        _leave_worker(code)
+    sys.exit(code)
+
+
+def _leave_worker(code: Any) -> None:
+    """One process of a multi-process run leaves without the interpreter's teardown. Everything it writes is
+    written and closed, and its process group destroyed, by then; under load a library's C++ thread destroyed
+    during teardown has aborted a finished worker ("terminate called without an active exception", SIGABRT),
+    turning a finished run into a failed one."""
+    if isinstance(code, str):  # sys.exit("message"): printed, exit 1, as the interpreter would
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(0 if code is None else int(code))
 
 
 if __name__ == "__main__":
